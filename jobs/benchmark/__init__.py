@@ -1,0 +1,1 @@
+"""`python -m jobs.benchmark {model,data}`: speed and size figures for BENCHMARKS.md."""
