@@ -1,0 +1,208 @@
+"""The typed schema of a training configuration, and loading it from YAML plus command-line overrides.
+
+The schema holds names and types only: every value comes from `conf/default.yaml` (and a recipe file merged over
+it), so the numbers of a recipe live in `conf/` and nowhere else. OmegaConf checks each override against the
+schema, which is how a misspelt key or a value of the wrong type is caught before anything starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from conf import CONF_DIR
+
+DEFAULT_CONFIG = CONF_DIR / "default.yaml"
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+CROP_MODES = ("short_side_jitter", "inception")
+PRETRAINED_SOURCES = ("native", "torchvision", "pyslowfast", "pytorchvideo")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a one-line message that names the key."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    num_classes: int = MISSING  # 0: take it from the label map
+    pretrained: Optional[str] = None
+    pretrained_source: str = MISSING
+    drop_path_rate: float = MISSING
+    head_dropout: float = MISSING
+
+
+@dataclass
+class AugmentConfig:
+    crop: str = MISSING
+    min_short_side: int = MISSING
+    max_short_side: int = MISSING
+    min_area: float = MISSING
+    max_area: float = MISSING
+    min_aspect: float = MISSING
+    max_aspect: float = MISSING
+    flip: bool = MISSING
+
+
+@dataclass
+class DemoConfig:
+    out: str = MISSING
+    seed: int = MISSING
+    videos_per_class: int = MISSING
+
+
+@dataclass
+class DataConfig:
+    train: str = MISSING
+    val: str = MISSING
+    test: str = MISSING
+    root: str = MISSING
+    labels: str = MISSING
+    allow_outside_root: bool = MISSING
+    num_frames: int = MISSING
+    sampling_rate: int = MISSING
+    target_fps: float = MISSING
+    crop_size: int = MISSING
+    num_clips: int = MISSING
+    test_short_side: int = MISSING
+    test_clips: int = MISSING
+    test_crops: int = MISSING
+    cpus_per_task: float = MISSING
+    decode_concurrency: int = MISSING
+    prefetch_batches: int = MISSING
+    mean: list[float] = field(default_factory=lambda: [MISSING] * 3)
+    std: list[float] = field(default_factory=lambda: [MISSING] * 3)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = MISSING
+    batch_size: int = MISSING
+    lr: float = MISSING
+    lr_reference_batch: int = MISSING
+    min_lr: float = MISSING
+    warmup_epochs: float = MISSING
+    warmup_start_lr: float = MISSING
+    weight_decay: float = MISSING
+    betas: list[float] = field(default_factory=lambda: [MISSING, MISSING])
+    grad_clip: float = MISSING
+    label_smoothing: float = MISSING
+    mixup_alpha: float = MISSING
+    cutmix_alpha: float = MISSING
+    mixup_prob: float = MISSING
+    mixup_switch_prob: float = MISSING
+    precision: str = MISSING
+    seed: int = MISSING
+    checkpoint_every_steps: int = MISSING
+    max_bad_steps: int = MISSING
+    log_every_steps: int = MISSING
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = MISSING
+    use_gpu: bool = MISSING
+    cpus_per_worker: float = MISSING
+    num_cpus: Optional[int] = None  # logical CPUs of a local Ray started by the job; None: the machine's
+    address: Optional[str] = None  # a running cluster to join; None: start a local one
+    max_failures: int = MISSING
+
+
+@dataclass
+class RunConfig:
+    name: str = MISSING
+    storage_path: str = MISSING
+    checkpoints_to_keep: int = MISSING
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str = MISSING
+    experiment: str = MISSING
+    log_models: bool = MISSING
+    registered_model_name: Optional[str] = None
+    system_metrics: bool = MISSING
+
+
+@dataclass
+class TrainingJobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+
+def _one_line(error: OmegaConfBaseException) -> str:
+    key = getattr(error, "full_key", None)
+    reason = str(error).splitlines()[0]
+    return f"config key '{key}': {reason}" if key else f"config: {reason}"
+
+
+def load_config(config_file: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Merge the schema, `conf/default.yaml`, an optional recipe file and `key=value` overrides, then validate."""
+    layers = [OmegaConf.structured(TrainingJobConfig), OmegaConf.load(DEFAULT_CONFIG)]
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        layers.append(OmegaConf.load(path))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+    try:
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.merge(*layers)
+    except OmegaConfBaseException as error:
+        raise ConfigError(_one_line(error)) from None
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"config key '{missing[0]}' has no value")
+    _check_choices(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _check_choices(cfg: DictConfig) -> None:
+    """Values that the schema types can't express: choices and ranges."""
+    choices = {
+        "train.precision": (cfg.train.precision, PRECISIONS),
+        "data.augment.crop": (cfg.data.augment.crop, CROP_MODES),
+        "model.pretrained_source": (cfg.model.pretrained_source, PRETRAINED_SOURCES),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}': '{value}' is not one of {', '.join(allowed)}")
+    positive = ["train.epochs", "train.batch_size", "data.num_frames", "data.sampling_rate", "data.crop_size",
+                "data.num_clips", "scaling.num_workers", "train.lr", "data.test_clips", "data.test_crops"]
+    for key in positive:
+        if OmegaConf.select(cfg, key) <= 0:
+            raise ConfigError(f"config key '{key}': must be > 0, got {OmegaConf.select(cfg, key)}")
+    if cfg.data.test_crops not in (1, 3):
+        raise ConfigError(f"config key 'data.test_crops': must be 1 or 3, got {cfg.data.test_crops}")
+    if cfg.scaling.max_failures < -1:
+        raise ConfigError(f"config key 'scaling.max_failures': must be >= -1, got {cfg.scaling.max_failures}")
+
+
+def to_container(cfg: DictConfig) -> dict[str, Any]:
+    """A plain, picklable dict of the resolved config, for Ray workers and MLflow."""
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 1}}` → `{"a.b": 1}`: MLflow params are flat."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
