@@ -1,0 +1,34 @@
+"""MViT: Multiscale Vision Transformers (Fan et al., ICCV 2021) in pure PyTorch.
+
+Build a preset with :func:`create_model`, list them with :func:`list_models`, import weights with
+:func:`load_pretrained`, and count parameters and multiply-adds with :func:`count_parameters` and
+:func:`count_gmacs`. Custom architectures are a :class:`MViTConfig` of per-block :class:`BlockConfig`.
+"""
+
+from .config import BlockConfig, MViTConfig, PoolConfig, validate_config
+from .counting import count_gmacs, count_parameters
+from .model import MViT
+from .pooling import TokenPool, pooled_grid
+from .presets import create_model, get_preset, list_models, multiscale_blocks, preset_config
+from .weights import SOURCES, convert_state_dict, load_pretrained, load_weights
+
+__all__ = [
+    "SOURCES",
+    "BlockConfig",
+    "MViT",
+    "MViTConfig",
+    "PoolConfig",
+    "TokenPool",
+    "convert_state_dict",
+    "count_gmacs",
+    "count_parameters",
+    "create_model",
+    "get_preset",
+    "list_models",
+    "load_pretrained",
+    "load_weights",
+    "multiscale_blocks",
+    "pooled_grid",
+    "preset_config",
+    "validate_config",
+]

@@ -43,6 +43,12 @@ def mlflow_uri(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests that start their own cluster with `ray start` run first: `ray stop` ends every Ray on the machine,
+    so they must finish before this session's own local Ray starts."""
+    items.sort(key=lambda item: item.get_closest_marker("cluster") is None)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # Keep Ray Data's progress output out of test logs; the product keeps it on.
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")

@@ -1,0 +1,67 @@
+"""The pooling operator P(·; Θ) of the paper, applied to a token sequence that lies on a (T, H, W) grid."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import nn
+
+Grid = tuple[int, int, int]
+PoolMode = Literal["conv", "avg", "max"]
+POOL_MODES: tuple[str, ...] = ("conv", "avg", "max")
+
+
+def pooled_grid(grid: Sequence[int], kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int]) -> Grid:
+    """Output grid of a pooling: L̃ = ⌊(L + 2p − k) / s⌋ + 1 per dimension.
+
+    A dimension comes out ≤ 0 when the kernel is larger than the padded input; callers treat that as an error.
+    """
+    return tuple((size + 2 * p - k) // s + 1 for size, k, s, p in zip(grid, kernel, stride, padding, strict=True))
+
+
+class TokenPool(nn.Module):
+    """P(·; Θ) on tokens ``(..., 1 + T·H·W, C)`` whose first token is the class token.
+
+    The class token goes around the pooling: it is split off, the grid tokens are pooled as a (C, T, H, W) volume,
+    and the class token is put back in front. In ``conv`` mode the pooling is a depthwise Conv3d followed by a
+    LayerNorm over channels (class token included, as in PySlowFast and torchvision); ``avg`` and ``max`` pool
+    without parameters and without a norm.
+    """
+
+    def __init__(
+        self,
+        mode: PoolMode,
+        channels: int,
+        kernel: Sequence[int],
+        stride: Sequence[int],
+        padding: Sequence[int],
+        norm_eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        self.kernel, self.stride, self.padding = tuple(kernel), tuple(stride), tuple(padding)
+        self.norm: nn.LayerNorm | None = None
+        if mode == "conv":
+            self.pool: nn.Module = nn.Conv3d(
+                channels, channels, self.kernel, self.stride, self.padding, groups=channels, bias=False
+            )
+            self.norm = nn.LayerNorm(channels, eps=norm_eps)
+        elif mode == "avg":
+            self.pool = nn.AvgPool3d(self.kernel, self.stride, self.padding)
+        elif mode == "max":
+            self.pool = nn.MaxPool3d(self.kernel, self.stride, self.padding)
+        else:
+            raise ValueError(f"pool mode must be one of {POOL_MODES}, got {mode!r}")
+
+    def forward(self, tokens: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, Grid]:
+        *leading, length, channels = tokens.shape
+        tokens = tokens.reshape(-1, length, channels)
+        class_token, grid_tokens = tokens[:, :1], tokens[:, 1:]
+        volume = grid_tokens.transpose(1, 2).reshape(-1, channels, *grid).contiguous()
+        volume = self.pool(volume)
+        out_grid: Grid = tuple(volume.shape[2:])
+        tokens = torch.cat((class_token, volume.flatten(2).transpose(1, 2)), dim=1)
+        if self.norm is not None:
+            tokens = self.norm(tokens)
+        return tokens.reshape(*leading, tokens.shape[1], channels), out_grid

@@ -1,0 +1,27 @@
+"""torchvision's mvit_v1_b as a reference for parity tests and the CPU benchmark; never imported by ``mvit/``.
+
+torchvision 0.28's C extension cannot load with the CPU-only torch of this project, and its import fails while
+registering meta kernels for those ops. A placeholder ``torchvision._meta_registrations`` module skips that step;
+the pure-Python video models do not need the extension.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+from collections.abc import Callable
+
+import torch
+
+
+def load_torchvision_mvit_v1_b() -> Callable[..., torch.nn.Module] | None:
+    """torchvision's ``mvit_v1_b`` builder, or None when torchvision is absent or cannot be imported."""
+    if importlib.util.find_spec("torchvision") is None:
+        return None
+    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+    try:
+        from torchvision.models.video import mvit_v1_b
+    except Exception:  # noqa: BLE001 - any import failure means "no reference available"
+        return None
+    return mvit_v1_b
