@@ -2,9 +2,11 @@
 
 Build a preset with :func:`create_model`, list them with :func:`list_models`, import weights with
 :func:`load_pretrained`, and count parameters and multiply-adds with :func:`count_parameters` and
-:func:`count_gmacs`. Custom architectures are a :class:`MViTConfig` of per-block :class:`BlockConfig`.
+:func:`count_gmacs`, and see which attention kernel every block gets with :func:`sdpa_backends`. Custom architectures
+are a :class:`MViTConfig` of per-block :class:`BlockConfig`.
 """
 
+from .backends import attention_shapes, sdpa_backends
 from .config import BlockConfig, MViTConfig, PoolConfig, validate_config
 from .counting import count_gmacs, count_parameters
 from .model import MViT
@@ -19,6 +21,7 @@ __all__ = [
     "MViTConfig",
     "PoolConfig",
     "TokenPool",
+    "attention_shapes",
     "convert_state_dict",
     "count_gmacs",
     "count_parameters",
@@ -30,5 +33,6 @@ __all__ = [
     "multiscale_blocks",
     "pooled_grid",
     "preset_config",
+    "sdpa_backends",
     "validate_config",
 ]

@@ -7,30 +7,37 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import BlockConfig, PoolConfig
-from .pooling import Grid, TokenPool
+from .pooling import Grid, PoolMemoryFormat, TokenPool
 
 
-def _make_pool(pool: PoolConfig, block: BlockConfig, head_dim: int, norm_eps: float) -> TokenPool | None:
+def _make_pool(
+    pool: PoolConfig, block: BlockConfig, head_dim: int, norm_eps: float, memory_format: PoolMemoryFormat
+) -> TokenPool | None:
     if pool.is_identity:
         return None
-    return TokenPool(block.pool_mode, head_dim, pool.kernel, pool.stride, pool.resolved_padding, norm_eps)
+    padding = pool.resolved_padding
+    return TokenPool(block.pool_mode, head_dim, pool.kernel, pool.stride, padding, norm_eps, memory_format)
 
 
 class MultiHeadPoolingAttention(nn.Module):
     """Q, K and V are projected, pooled per head with their own Θ, then attended; the output has the query length.
 
     Pooling queries shortens the output sequence (a new, coarser grid); pooling keys and values only makes the
-    attention cheaper. Runs at ``dim_in`` channels, as in MViT v1.
+    attention cheaper. Runs at ``dim_in`` channels, as in MViT v1. Attention is one
+    ``scaled_dot_product_attention`` call, so that the scores never exist as a tensor: under bf16 autocast q, k and
+    v stay bf16 and a flash or memory-efficient kernel keeps the softmax on chip.
     """
 
-    def __init__(self, block: BlockConfig, norm_eps: float = 1e-6) -> None:
+    def __init__(
+        self, block: BlockConfig, norm_eps: float = 1e-6, pool_memory_format: PoolMemoryFormat = "contiguous"
+    ) -> None:
         super().__init__()
         self.num_heads = block.num_heads
         self.head_dim = block.dim_in // block.num_heads
         self.qkv = nn.Linear(block.dim_in, 3 * block.dim_in)
-        self.pool_q = _make_pool(block.pool_q, block, self.head_dim, norm_eps)
-        self.pool_k = _make_pool(block.pool_k, block, self.head_dim, norm_eps)
-        self.pool_v = _make_pool(block.pool_v, block, self.head_dim, norm_eps)
+        self.pool_q = _make_pool(block.pool_q, block, self.head_dim, norm_eps, pool_memory_format)
+        self.pool_k = _make_pool(block.pool_k, block, self.head_dim, norm_eps, pool_memory_format)
+        self.pool_v = _make_pool(block.pool_v, block, self.head_dim, norm_eps, pool_memory_format)
         self.proj = nn.Linear(block.dim_in, block.dim_in)
 
     def forward(self, x: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, Grid]:

@@ -7,7 +7,7 @@ from torch import nn
 
 from .attention import MultiHeadPoolingAttention
 from .config import BlockConfig, skip_pool_config
-from .pooling import Grid, TokenPool
+from .pooling import Grid, PoolMemoryFormat, TokenPool
 
 
 class DropPath(nn.Module):
@@ -48,13 +48,24 @@ class MultiscaleBlock(nn.Module):
     When the MLP widens the channels, the residual is a Linear on the *normalised* input of the MLP (paper, Fig. A.5a).
     """
 
-    def __init__(self, block: BlockConfig, mlp_ratio: float, drop_path: float, norm_eps: float = 1e-6) -> None:
+    def __init__(
+        self,
+        block: BlockConfig,
+        mlp_ratio: float,
+        drop_path: float,
+        norm_eps: float = 1e-6,
+        pool_memory_format: PoolMemoryFormat = "contiguous",
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(block.dim_in, eps=norm_eps)
-        self.attn = MultiHeadPoolingAttention(block, norm_eps)
+        self.attn = MultiHeadPoolingAttention(block, norm_eps, pool_memory_format)
         skip = skip_pool_config(block.pool_q)
         self.skip_pool = (
-            None if skip is None else TokenPool("max", block.dim_in, skip.kernel, skip.stride, skip.resolved_padding)
+            None
+            if skip is None
+            else TokenPool(
+                "max", block.dim_in, skip.kernel, skip.stride, skip.resolved_padding, memory_format=pool_memory_format
+            )
         )
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(block.dim_in, eps=norm_eps)

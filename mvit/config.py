@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .pooling import POOL_MODES, Grid, PoolMode, pooled_grid
+from .pooling import POOL_MEMORY_FORMATS, POOL_MODES, Grid, PoolMemoryFormat, PoolMode, pooled_grid
 
 Triple = tuple[int, int, int]
 
@@ -54,7 +54,12 @@ class BlockConfig:
 
 @dataclass(frozen=True)
 class MViTConfig:
-    """A whole model. The embedding dimension is ``blocks[0].dim_in``; the head width is ``blocks[-1].dim_out``."""
+    """A whole model. The embedding dimension is ``blocks[0].dim_in``; the head width is ``blocks[-1].dim_out``.
+
+    The last two fields choose how the model runs, not what it computes: ``pool_memory_format`` is the layout of
+    the pooled volumes (see :class:`~mvit.pooling.TokenPool`), and ``activation_checkpointing`` recomputes each
+    block in the backward pass instead of keeping its activations, trading about a third more compute for memory.
+    """
 
     blocks: tuple[BlockConfig, ...]
     input_size: Triple = (16, 224, 224)
@@ -67,6 +72,8 @@ class MViTConfig:
     drop_path_rate: float = 0.0
     head_dropout: float = 0.5
     norm_eps: float = 1e-6
+    pool_memory_format: PoolMemoryFormat = "contiguous"
+    activation_checkpointing: bool = False
 
 
 def skip_pool_config(pool_q: PoolConfig) -> PoolConfig | None:
@@ -189,6 +196,10 @@ def validate_config(config: MViTConfig) -> list[Grid]:
     for name in ("drop_path_rate", "head_dropout"):
         if not 0.0 <= getattr(config, name) < 1.0:
             raise ValueError(f"{name} must be in [0, 1), got {getattr(config, name)}")
+    if config.pool_memory_format not in POOL_MEMORY_FORMATS:
+        raise ValueError(
+            f"pool_memory_format must be one of {tuple(POOL_MEMORY_FORMATS)}, got {config.pool_memory_format!r}"
+        )
     previous_dim = None
     for index, block in enumerate(config.blocks):
         _check_block(block, index, previous_dim)

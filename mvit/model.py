@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .blocks import MultiscaleBlock
 from .config import MViTConfig, block_grids, patch_grid, validate_config
@@ -32,7 +33,13 @@ class MViT(nn.Module):
         self.pos_embed = PositionalEmbedding(embed_dim, self.token_grid)
         depth = len(config.blocks)
         self.blocks = nn.ModuleList(
-            MultiscaleBlock(block, config.mlp_ratio, config.drop_path_rate * i / max(depth - 1, 1), config.norm_eps)
+            MultiscaleBlock(
+                block,
+                config.mlp_ratio,
+                config.drop_path_rate * i / max(depth - 1, 1),
+                config.norm_eps,
+                config.pool_memory_format,
+            )
             for i, block in enumerate(config.blocks)
         )
         self.norm = nn.LayerNorm(out_dim, eps=config.norm_eps)
@@ -97,8 +104,12 @@ class MViT(nn.Module):
         if grid != self.token_grid:
             self._check_grid(grid, input_grid)
         x = self.pos_embed(x.flatten(2).transpose(1, 2), grid)
+        recompute = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x, grid = block(x, grid)
+            if recompute:  # keep only each block's input; rerun the block (same RNG draws) in the backward pass
+                x, grid = checkpoint(block, x, grid, use_reentrant=False)
+            else:
+                x, grid = block(x, grid)
         return self.norm(x[:, 0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

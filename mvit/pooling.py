@@ -11,6 +11,11 @@ from torch import nn
 Grid = tuple[int, int, int]
 PoolMode = Literal["conv", "avg", "max"]
 POOL_MODES: tuple[str, ...] = ("conv", "avg", "max")
+PoolMemoryFormat = Literal["contiguous", "channels_last_3d"]
+POOL_MEMORY_FORMATS: dict[str, torch.memory_format] = {
+    "contiguous": torch.contiguous_format,
+    "channels_last_3d": torch.channels_last_3d,
+}
 
 
 def pooled_grid(grid: Sequence[int], kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int]) -> Grid:
@@ -28,6 +33,10 @@ class TokenPool(nn.Module):
     and the class token is put back in front. In ``conv`` mode the pooling is a depthwise Conv3d followed by a
     LayerNorm over channels (class token included, as in PySlowFast and torchvision); ``avg`` and ``max`` pool
     without parameters and without a norm.
+
+    ``memory_format`` is the layout of the pooled volume: ``contiguous`` (NCDHW) or ``channels_last_3d`` (NDHWC).
+    The tokens already lie channels-last in memory, so NDHWC spares the transposes around the pooling; which one
+    is faster depends on the device's depthwise-conv kernels. Both give the same result up to float rounding.
     """
 
     def __init__(
@@ -38,9 +47,11 @@ class TokenPool(nn.Module):
         stride: Sequence[int],
         padding: Sequence[int],
         norm_eps: float = 1e-6,
+        memory_format: PoolMemoryFormat = "contiguous",
     ) -> None:
         super().__init__()
         self.kernel, self.stride, self.padding = tuple(kernel), tuple(stride), tuple(padding)
+        self.memory_format = POOL_MEMORY_FORMATS[memory_format]
         self.norm: nn.LayerNorm | None = None
         if mode == "conv":
             self.pool: nn.Module = nn.Conv3d(
@@ -58,10 +69,11 @@ class TokenPool(nn.Module):
         *leading, length, channels = tokens.shape
         tokens = tokens.reshape(-1, length, channels)
         class_token, grid_tokens = tokens[:, :1], tokens[:, 1:]
-        volume = grid_tokens.transpose(1, 2).reshape(-1, channels, *grid).contiguous()
+        volume = grid_tokens.transpose(1, 2).reshape(-1, channels, *grid).contiguous(memory_format=self.memory_format)
         volume = self.pool(volume)
         out_grid: Grid = tuple(volume.shape[2:])
-        tokens = torch.cat((class_token, volume.flatten(2).transpose(1, 2)), dim=1)
+        pooled = torch.cat((class_token, volume.flatten(2).transpose(1, 2)), dim=1)
         if self.norm is not None:
-            tokens = self.norm(tokens)
-        return tokens.reshape(*leading, tokens.shape[1], channels), out_grid
+            # under autocast LayerNorm computes (and on CUDA returns) fp32; attention gets back the input's dtype
+            pooled = self.norm(pooled).to(tokens.dtype)
+        return pooled.reshape(*leading, pooled.shape[1], channels), out_grid

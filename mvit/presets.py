@@ -91,8 +91,11 @@ def _mvit_s_16x4() -> MViTConfig:
     - drop path 0.2 as MViT-B (no recipe is given for MViT-S).
 
     This shape counts 29.9 GMACs against the published 32.9 (-9%), with the same counter that reproduces MViT-B's
-    70.6 exactly. No reading of the table gives both 26.1M and 32.9G within 1% (5 scale₂ blocks: 26.4M, 33.7G),
-    and no official config was released (PySlowFast issues #459, #555), so the gap is reported, not tuned away.
+    70.6 exactly. Heads and the pooling kernel barely move the count, only the scale₂ depth and the first K/V
+    stride do, and no supported choice of them gives both 26.1M and 32.9G within 1% (e.g. 4 blocks: 26.24M,
+    31.81G; 5 blocks: 26.45M, 33.68G; the paper's literal K/V stride 1×8×8: 25.3G). Table 3c's 74.3% MViT-S is
+    the max-pool model (Table 16); max pooling with 5 blocks gives 26.31M, 33.50G (+0.8%, +1.8%), still outside.
+    No official config was released (PySlowFast issues #459, #555), so the gap is reported, not tuned away.
     """
     return MViTConfig(
         blocks=multiscale_blocks(128, (3, 7, 6), first_kv_stride=(1, 4, 4)),
