@@ -1,0 +1,144 @@
+"""`python -m jobs.prepare {demo,index,import}`: get a dataset ready for training.
+
+    demo    write the synthetic motion dataset (videos, train/val manifests, label map)
+    import  turn Kinetics CSVs, PySlowFast lists, Something-Something v2 JSON or class folders into a manifest
+    index   probe every video of a manifest on the Ray cluster and write the Parquet index training reads
+
+Bad input ends with one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipeline.demo import make_demo_dataset
+from pipeline.importers import Imported, import_folders, import_kinetics, import_pyslowfast, import_ssv2
+from pipeline.manifest import (
+    ManifestError,
+    label_map_path,
+    read_label_map,
+    read_manifest,
+    write_label_map,
+    write_manifest,
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.command(args)
+    except (ManifestError, ValueError, OSError) as error:
+        print(f"prepare: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m jobs.prepare", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(required=True, metavar="{demo,index,import}")
+
+    demo = commands.add_parser("demo", help="write the synthetic motion dataset")
+    demo.add_argument("--out", type=Path, required=True, help="folder to write")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--classes", type=int, default=8, help="number of motion classes, at most 8 (default: 8)")
+    demo.add_argument("--videos-per-class", type=int, default=40, help="(default: 40)")
+    demo.add_argument("--size", type=int, default=80, help="frame side in pixels (default: 80)")
+    demo.add_argument("--frames", type=int, default=40, help="frames per video (default: 40)")
+    demo.add_argument("--fps", type=int, default=30, help="(default: 30)")
+    demo.set_defaults(command=_demo)
+
+    index = commands.add_parser("index", help="probe a manifest's videos into a Parquet index, on Ray")
+    index.add_argument("--manifest", type=Path, required=True)
+    index.add_argument("--out", type=Path, required=True, help="index file to write (.parquet)")
+    index.add_argument("--root", type=Path, help="where relative paths start (default: the manifest's folder)")
+    index.add_argument("--allow-outside-root", action="store_true", help="accept paths that leave the root")
+    index.add_argument("--cpus-per-task", type=float, default=1.0, help="(default: 1)")
+    index.add_argument("--concurrency", type=int, help="most probe tasks at once (default: as many as fit)")
+    index.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else start a local Ray)")
+    index.set_defaults(command=_index)
+
+    importer = commands.add_parser("import", help="write a manifest and label map from another format")
+    formats = importer.add_subparsers(required=True, metavar="{kinetics,pyslowfast,ssv2,folders}")
+    kinetics = formats.add_parser("kinetics", help="a Kinetics CSV: label,youtube_id,time_start,time_end,split")
+    kinetics.add_argument("--csv", type=Path, required=True)
+    kinetics.add_argument("--labels", type=Path, help="class names, one a line (default: the CSV's labels sorted)")
+    kinetics.add_argument("--suffix", default=".mp4", help="video file suffix (default: .mp4)")
+    kinetics.set_defaults(
+        command=_import, read=lambda a: import_kinetics(a.csv, names=_names(a.labels), suffix=a.suffix)
+    )
+    pyslowfast = formats.add_parser("pyslowfast", help="a PySlowFast list: `path label` per line")
+    pyslowfast.add_argument("--list", type=Path, required=True)
+    pyslowfast.add_argument("--labels", type=Path, help="class names, one a line (default: 0, 1, ...)")
+    pyslowfast.set_defaults(command=_import, read=lambda a: import_pyslowfast(a.list, names=_names(a.labels)))
+    ssv2 = formats.add_parser("ssv2", help="Something-Something v2 annotations and label JSON")
+    ssv2.add_argument("--annotations", type=Path, required=True, help="e.g. something-something-v2-train.json")
+    ssv2.add_argument("--labels-json", type=Path, required=True, help="something-something-v2-labels.json")
+    ssv2.add_argument("--suffix", default=".webm", help="video file suffix (default: .webm)")
+    ssv2.set_defaults(command=_import, read=lambda a: import_ssv2(a.annotations, a.labels_json, suffix=a.suffix))
+    folders = formats.add_parser("folders", help="one folder of videos per class")
+    folders.add_argument("--root", type=Path, required=True, help="the folder holding the class folders")
+    folders.set_defaults(command=_import, read=lambda a: import_folders(a.root))
+    for command in (kinetics, pyslowfast, ssv2, folders):
+        command.add_argument("--out", type=Path, required=True, help="manifest to write (.parquet or .csv)")
+    return parser
+
+
+def _demo(args: argparse.Namespace) -> int:
+    demo = make_demo_dataset(
+        args.out,
+        seed=args.seed,
+        num_classes=args.classes,
+        videos_per_class=args.videos_per_class,
+        size=args.size,
+        num_frames=args.frames,
+        fps=args.fps,
+    )
+    print(f"wrote {demo.train_manifest}, {demo.val_manifest} and {demo.label_map}")
+    return 0
+
+
+def _index(args: argparse.Namespace) -> int:
+    import ray
+
+    from pipeline.index import build_index
+
+    read_manifest(args.manifest, args.root, args.allow_outside_root)  # refuse a bad manifest before starting Ray
+    if not ray.is_initialized():
+        ray.init(address=args.address)
+    summary = build_index(
+        args.manifest,
+        args.out,
+        args.root,
+        allow_outside_root=args.allow_outside_root,
+        cpus_per_task=args.cpus_per_task,
+        concurrency=args.concurrency,
+    )
+    print(
+        f"indexed {summary.total} videos into {summary.path}: "
+        f"{summary.usable} usable, {len(summary.unusable)} left out"
+    )
+    for path, reason in summary.unusable:
+        print(f"  left out {path}: {reason}")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    imported: Imported = args.read(args)
+    labels = label_map_path(args.out)
+    if labels.exists() and read_label_map(labels) != imported.names:
+        raise ManifestError(
+            f"{labels} already holds different class names; write this manifest elsewhere or pass --labels"
+        )
+    write_manifest(imported.table, args.out)
+    write_label_map(imported.names, labels)
+    print(f"wrote {imported.table.num_rows} videos of {len(imported.names)} classes to {args.out} and {labels}")
+    return 0
+
+
+def _names(path: Path | None) -> list[str] | None:
+    return read_label_map(path) if path is not None else None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""Ray Datasets of ready-to-train clips, built from an index; any CPU in the Ray cluster can produce them.
+
+Rows of the index (one per usable video) are shuffled, then `map_batches` tasks decode, sample and transform each
+video into uint8 clips. Every iteration re-executes the dataset, so each epoch gets a new order and new clip
+positions. A video that fails to decode is skipped, logged and counted (see `pipeline.skips`); the job goes on.
+Each task takes `videos_per_task` videos: more amortise Ray's per-task overhead, fewer stream sooner and hold less
+memory. Video files must be readable at the same absolute path on every node (a shared file system).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from pipeline.index import info_from_row, read_usable
+from pipeline.sampling import ClipSpec, SampledClip, random_clip, segment_frames, uniform_clips
+from pipeline.skips import DEFAULT_COUNTER, report, skip_counter
+from pipeline.transforms import ClipAugment, EvalTransform, TrainTransform
+from pipeline.video import VideoDecodeError, decode_frames
+
+
+def train_dataset(
+    index: str | os.PathLike | pa.Table,
+    *,
+    num_frames: int,
+    sampling_rate: int,
+    target_fps: float = 30.0,
+    crop_size: int = 224,
+    num_clips: int = 1,
+    short_side: tuple[int, int] = (256, 320),
+    random_resized_crop: bool = False,
+    crop_area: tuple[float, float] = (0.08, 1.0),
+    crop_aspect: tuple[float, float] = (3 / 4, 4 / 3),
+    flip: bool = True,
+    augments: tuple[ClipAugment, ...] = (),
+    cpus_per_task: float = 1.0,
+    concurrency: int | None = None,
+    resources: Mapping[str, float] | None = None,
+    videos_per_task: int = 16,
+    skip_counter_name: str = DEFAULT_COUNTER,
+) -> ray.data.Dataset:
+    """Shuffled training clips: columns `clip` (uint8, T×crop×crop×3) and `label` (int64).
+
+    Each video gives `num_clips` rows from one decode (repeated augmentation), each at its own random position
+    with its own random crop.
+    """
+    views = _TrainViews(
+        spec=ClipSpec(num_frames, sampling_rate, target_fps),
+        num_clips=num_clips,
+        transform=TrainTransform(
+            crop_size=crop_size,
+            short_side=short_side,
+            random_resized_crop=random_resized_crop,
+            crop_area=crop_area,
+            crop_aspect=crop_aspect,
+            flip=flip,
+            augments=tuple(augments),
+        ),
+    )
+    videos = _videos(index, videos_per_task).random_shuffle()
+    return _map(videos, views, cpus_per_task, concurrency, skip_counter_name, resources)
+
+
+def val_dataset(
+    index: str | os.PathLike | pa.Table,
+    *,
+    num_frames: int,
+    sampling_rate: int,
+    target_fps: float = 30.0,
+    crop_size: int = 224,
+    short_side: int = 256,
+    cpus_per_task: float = 1.0,
+    concurrency: int | None = None,
+    resources: Mapping[str, float] | None = None,
+    videos_per_task: int = 16,
+    skip_counter_name: str = DEFAULT_COUNTER,
+) -> ray.data.Dataset:
+    """One deterministic view per video, for per-epoch validation: the centre clip, short side resized, centre
+    crop. Columns `clip` and `label`."""
+    views = _EvalViews(
+        ClipSpec(num_frames, sampling_rate, target_fps), 1, EvalTransform(short_side, crop_size, 1), False
+    )
+    return _map(_videos(index, videos_per_task), views, cpus_per_task, concurrency, skip_counter_name, resources)
+
+
+def test_dataset(
+    index: str | os.PathLike | pa.Table,
+    *,
+    num_frames: int,
+    sampling_rate: int,
+    target_fps: float = 30.0,
+    crop_size: int = 224,
+    short_side: int = 224,
+    num_temporal_clips: int = 5,
+    num_spatial_crops: int = 1,
+    cpus_per_task: float = 1.0,
+    concurrency: int | None = None,
+    resources: Mapping[str, float] | None = None,
+    videos_per_task: int = 4,
+    skip_counter_name: str = DEFAULT_COUNTER,
+) -> ray.data.Dataset:
+    """K uniformly spaced clips × 1 or 3 crops per video. Columns `clip`, `label`, `video_id` (the video's row in
+    the usable index) and `view` (temporal clip × num_spatial_crops + crop), for averaging predictions per video."""
+    views = _EvalViews(
+        ClipSpec(num_frames, sampling_rate, target_fps),
+        num_temporal_clips,
+        EvalTransform(short_side, crop_size, num_spatial_crops),
+        True,
+    )
+    return _map(_videos(index, videos_per_task), views, cpus_per_task, concurrency, skip_counter_name, resources)
+
+
+test_dataset.__test__ = False  # not a test, though pytest would collect it by name wherever it is imported
+
+
+def _videos(index: str | os.PathLike | pa.Table, videos_per_task: int) -> ray.data.Dataset:
+    usable, _ = read_usable(index)
+    if usable.num_rows == 0:
+        raise ValueError("the index has no usable videos")
+    usable = usable.append_column("video_id", pa.array(range(usable.num_rows), pa.int64()))
+    return ray.data.from_arrow(usable, override_num_blocks=math.ceil(usable.num_rows / videos_per_task))
+
+
+def _map(
+    videos: ray.data.Dataset,
+    views: _TrainViews | _EvalViews,
+    cpus_per_task: float,
+    concurrency: int | None,
+    counter_name: str,
+    resources: Mapping[str, float] | None,
+) -> ray.data.Dataset:
+    """Decode tasks of `cpus_per_task` CPUs each; `resources` (custom Ray resources, e.g. {"decode": 1}) pins them
+    to the nodes that advertise those resources, such as CPU-only decode nodes beside the GPU nodes."""
+    return videos.map_batches(
+        _ClipMaker(views, skip_counter(counter_name), threads=max(1, int(cpus_per_task))),
+        batch_size=None,
+        batch_format="pyarrow",
+        compute=ray.data.TaskPoolStrategy(size=concurrency),
+        num_cpus=cpus_per_task,
+        resources=dict(resources) if resources else None,
+    )
+
+
+@dataclass(frozen=True)
+class _TrainViews:
+    spec: ClipSpec
+    num_clips: int
+    transform: TrainTransform
+
+    def sample(self, frame_count: int, fps: float, first: int, rng: np.random.Generator) -> list[SampledClip]:
+        return [random_clip(frame_count, fps, self.spec, rng, first_frame=first) for _ in range(self.num_clips)]
+
+    def views(self, clips: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
+        return [self.transform(clip, rng) for clip in clips]
+
+
+@dataclass(frozen=True)
+class _EvalViews:
+    spec: ClipSpec
+    num_clips: int
+    transform: EvalTransform
+    with_ids: bool
+
+    def sample(self, frame_count: int, fps: float, first: int, rng: np.random.Generator) -> list[SampledClip]:
+        return uniform_clips(frame_count, fps, self.spec, self.num_clips, first_frame=first)
+
+    def views(self, clips: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
+        return [view for clip in clips for view in self.transform(clip)]
+
+
+@dataclass(frozen=True)
+class _ClipMaker:
+    """The map_batches UDF: index rows in, one output batch of views per decodable video."""
+
+    views: _TrainViews | _EvalViews
+    counter: ray.actor.ActorHandle
+    threads: int
+
+    def __call__(self, batch: pa.Table) -> Iterator[dict[str, np.ndarray]]:
+        rng = np.random.default_rng()  # fresh entropy on every execution: new clip positions and crops each epoch
+        skipped: list[tuple[str, str]] = []
+        clamped = 0
+        for row in batch.to_pylist():
+            info = info_from_row(row)
+            first, count = segment_frames(info.num_frames, info.fps, row.get("start_sec"), row.get("end_sec"))
+            clips = self.views.sample(count, info.fps, first, rng)
+            indices = np.concatenate([clip.indices for clip in clips])  # one decode for all of a video's clips
+            try:
+                frames = decode_frames(info.path, indices, info, threads=self.threads)
+            except VideoDecodeError as error:
+                skipped.append((info.path, error.reason))
+                continue
+            clamped += sum(clip.clamped for clip in clips)
+            views = self.views.views(np.split(frames, len(clips)), rng)
+            yield self._rows(views, row)
+        report(self.counter, skipped, clamped)
+
+    def _rows(self, views: list[np.ndarray], row: dict[str, Any]) -> dict[str, np.ndarray]:
+        columns = {"clip": np.stack(views), "label": np.full(len(views), row["label"], dtype=np.int64)}
+        if isinstance(self.views, _EvalViews) and self.views.with_ids:
+            columns["video_id"] = np.full(len(views), row["video_id"], dtype=np.int64)
+            columns["view"] = np.arange(len(views), dtype=np.int64)
+        return columns

@@ -1,0 +1,155 @@
+"""Manifests from the formats datasets already come in: Kinetics CSVs, PySlowFast lists, Something-Something v2
+JSON, and one folder per class. Each importer returns paths relative to the dataset's root and the class names.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+from pipeline.manifest import ManifestError
+
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
+KINETICS_COLUMNS = ("label", "youtube_id", "time_start", "time_end", "split")
+
+
+@dataclass(frozen=True)
+class Imported:
+    """A manifest table (path relative to the dataset root, label index) and the class names in index order."""
+
+    table: pa.Table
+    names: list[str]
+
+
+def import_kinetics(csv_path: str | os.PathLike, *, names: list[str] | None = None, suffix: str = ".mp4") -> Imported:
+    """Kinetics annotations (`label,youtube_id,time_start,time_end,split`) laid out as
+    `split/label/youtubeid_start_end.mp4`, start and end zero-padded to 6 digits.
+
+    Without `names`, the classes are the CSV's labels sorted, which is Kinetics' conventional order.
+    """
+    rows = _read_csv(Path(csv_path), KINETICS_COLUMNS)
+    names = names or sorted({row["label"] for row in rows})
+    index_of = _index_of(names)
+    paths, labels = [], []
+    for line, row in enumerate(rows, start=2):
+        label = _lookup(index_of, row["label"], f"{csv_path}: line {line}")
+        try:
+            start, end = int(float(row["time_start"])), int(float(row["time_end"]))
+        except ValueError:
+            raise ManifestError(f"{csv_path}: line {line} has non-numeric time_start/time_end") from None
+        paths.append(f"{row['split']}/{row['label']}/{row['youtube_id']}_{start:06d}_{end:06d}{suffix}")
+        labels.append(label)
+    return Imported(_table(paths, labels), names)
+
+
+def import_pyslowfast(list_path: str | os.PathLike, *, names: list[str] | None = None) -> Imported:
+    """A PySlowFast list: `path label` per line (the path may contain spaces; the label is the last field).
+
+    Without `names`, class i is called "i".
+    """
+    if not Path(list_path).is_file():
+        raise ManifestError(f"{list_path}: not found")
+    paths, labels = [], []
+    for line_number, line in enumerate(Path(list_path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.rsplit(maxsplit=1)
+        if len(fields) != 2 or not fields[1].lstrip("-").isdigit():
+            raise ManifestError(f"{list_path}: line {line_number} is not `path label`: {line!r}")
+        paths.append(fields[0])
+        labels.append(int(fields[1]))
+    if not paths:
+        raise ManifestError(f"{list_path}: no videos listed")
+    names = names or [str(index) for index in range(max(labels) + 1)]
+    outside = [label for label in labels if not 0 <= label < len(names)]
+    if outside:
+        raise ManifestError(f"{list_path}: label {outside[0]} is not a class index (there are {len(names)} classes)")
+    return Imported(_table(paths, labels), names)
+
+
+def import_ssv2(
+    annotations_path: str | os.PathLike, labels_path: str | os.PathLike, *, suffix: str = ".webm"
+) -> Imported:
+    """Something-Something v2: a list of `{"id", "template", ...}` and the `{"class name": "index"}` label map.
+
+    A template names its objects `[something]`; the class name is the template without the brackets.
+    """
+    label_map = _read_json(Path(labels_path), dict)
+    try:
+        names = [name for name, _ in sorted(label_map.items(), key=lambda item: int(item[1]))]
+    except (TypeError, ValueError):
+        raise ManifestError(f"{labels_path}: expected {{class name: index}}") from None
+    if [int(label_map[name]) for name in names] != list(range(len(names))):
+        raise ManifestError(f"{labels_path}: class indices must be 0..{len(names) - 1}")
+    index_of = _index_of(names)
+    paths, labels = [], []
+    for entry in _read_json(Path(annotations_path), list):
+        if not isinstance(entry, dict) or "id" not in entry or "template" not in entry:
+            raise ManifestError(
+                f"{annotations_path}: every entry needs an id and a template (test sets have no labels)"
+            )
+        name = entry["template"].replace("[", "").replace("]", "")
+        labels.append(_lookup(index_of, name, f"{annotations_path}: video {entry['id']}"))
+        paths.append(f"{entry['id']}{suffix}")
+    return Imported(_table(paths, labels), names)
+
+
+def import_folders(root: str | os.PathLike) -> Imported:
+    """One folder per class under `root`, its videos directly inside; classes in sorted folder-name order."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ManifestError(f"{root}: not a folder")
+    names = sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+    paths, labels = [], []
+    for label, name in enumerate(names):
+        for video in sorted((root / name).iterdir()):
+            if video.is_file() and video.suffix.lower() in VIDEO_SUFFIXES:
+                paths.append(f"{name}/{video.name}")
+                labels.append(label)
+    if not paths:
+        raise ManifestError(f"{root}: no videos ({', '.join(VIDEO_SUFFIXES)}) in class folders")
+    return Imported(_table(paths, labels), names)
+
+
+def _table(paths: list[str], labels: list[int]) -> pa.Table:
+    return pa.table({"path": pa.array(paths, pa.string()), "label": pa.array(labels, pa.int64())})
+
+
+def _index_of(names: list[str]) -> dict[str, int]:
+    return {name: index for index, name in enumerate(names)}
+
+
+def _lookup(index_of: dict[str, int], name: str, where: str) -> int:
+    if name not in index_of:
+        raise ManifestError(f"{where} has unknown label {name!r}")
+    return index_of[name]
+
+
+def _read_csv(path: Path, columns: tuple[str, ...]) -> list[dict[str, str]]:
+    if not path.is_file():
+        raise ManifestError(f"{path}: not found")
+    with path.open(newline="", encoding="utf-8") as file:
+        reader = csv.DictReader(file)
+        if reader.fieldnames is None or not set(columns) <= set(reader.fieldnames):
+            raise ManifestError(f"{path}: needs the columns {','.join(columns)}, has {reader.fieldnames}")
+        rows = list(reader)
+    if not rows:
+        raise ManifestError(f"{path}: no rows")
+    return rows
+
+
+def _read_json(path: Path, kind: type) -> dict | list:
+    if not path.is_file():
+        raise ManifestError(f"{path}: not found")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ManifestError(f"{path}: invalid JSON ({error})") from None
+    if not isinstance(value, kind) or not value:
+        raise ManifestError(f"{path}: expected a non-empty JSON {kind.__name__}")
+    return value

@@ -1,0 +1,159 @@
+"""The index: every video of a manifest probed once, over Ray Data, into one Parquet file that training reads.
+
+Each row keeps the manifest's columns and adds what `probe` measured plus a `status`: "ok", or why the video can't
+be used. Training takes only the ok rows, so an unusable video is reported here rather than found mid-epoch. Frame
+timestamps are stored as start + step when evenly spaced (as in most MP4 files) and listed in full otherwise, which
+keeps a Kinetics-sized index small enough to shuffle every epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+
+from pipeline.manifest import read_manifest
+from pipeline.video import VideoDecodeError, VideoInfo, probe
+
+OK = "ok"
+INDEX_FIELDS = [
+    pa.field("status", pa.string()),
+    pa.field("num_frames", pa.int64()),
+    pa.field("fps", pa.float64()),
+    pa.field("duration", pa.float64()),
+    pa.field("width", pa.int64()),
+    pa.field("height", pa.int64()),
+    pa.field("codec", pa.string()),
+    pa.field("keyframes", pa.list_(pa.int64())),
+    pa.field("keyframe_pts", pa.list_(pa.int64())),
+    pa.field("keyframe_dts", pa.list_(pa.int64())),
+    pa.field("stream_index", pa.int64()),
+    pa.field("time_base", pa.string()),
+    pa.field("pts_start", pa.int64()),
+    pa.field("pts_step", pa.int64()),
+    pa.field("pts", pa.list_(pa.int64())),  # empty when pts_start + i * pts_step gives every frame's pts
+    pa.field("pts_ordered", pa.bool_()),
+]
+
+
+@dataclass(frozen=True)
+class IndexSummary:
+    """What an index run found."""
+
+    path: Path
+    total: int
+    usable: int
+    unusable: list[tuple[str, str]]  # (path, reason)
+
+
+def build_index(
+    manifest_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    root: str | os.PathLike | None = None,
+    *,
+    allow_outside_root: bool = False,
+    cpus_per_task: float = 1.0,
+    concurrency: int | None = None,
+    videos_per_task: int = 32,
+) -> IndexSummary:
+    """Probe every video of the manifest on the Ray cluster and write the index to `out_path` (Parquet)."""
+    manifest = read_manifest(manifest_path, root, allow_outside_root)
+    numbered = manifest.append_column("row", pa.array(range(manifest.num_rows), pa.int64()))
+    blocks = math.ceil(manifest.num_rows / videos_per_task)
+    probed = ray.data.from_arrow(numbered, override_num_blocks=blocks).map_batches(
+        _probe_batch,
+        batch_size=None,
+        batch_format="pyarrow",
+        compute=ray.data.TaskPoolStrategy(size=concurrency),
+        num_cpus=cpus_per_task,
+    )
+    tables = ray.get(probed.to_arrow_refs())
+    index = pa.concat_tables(tables).sort_by("row").drop_columns(["row"])
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(index, out_path)
+    unusable = _unusable(index)
+    return IndexSummary(path=out_path, total=index.num_rows, usable=index.num_rows - len(unusable), unusable=unusable)
+
+
+def read_usable(index: str | os.PathLike | pa.Table) -> tuple[pa.Table, list[tuple[str, str]]]:
+    """The usable rows of an index, and (path, reason) for each video left out."""
+    table = index if isinstance(index, pa.Table) else pq.read_table(index)
+    usable = table.filter(pc.equal(table.column("status"), OK))
+    return usable, _unusable(table)
+
+
+def info_to_row(info: VideoInfo) -> dict[str, Any]:
+    """The index columns describing a probed video."""
+    pts_start, pts_step, pts = _compact_pts(info.pts)
+    return {
+        "status": OK,
+        "num_frames": info.num_frames,
+        "fps": info.fps,
+        "duration": info.duration,
+        "width": info.width,
+        "height": info.height,
+        "codec": info.codec,
+        "keyframes": list(info.keyframes),
+        "keyframe_pts": list(info.keyframe_pts),
+        "keyframe_dts": list(info.keyframe_dts),
+        "stream_index": info.stream_index,
+        "time_base": str(info.time_base),
+        "pts_start": pts_start,
+        "pts_step": pts_step,
+        "pts": pts,
+        "pts_ordered": info.pts_ordered,
+    }
+
+
+def info_from_row(row: dict[str, Any]) -> VideoInfo:
+    """The VideoInfo of a usable index row, so decoding needn't probe again."""
+    count = row["num_frames"]
+    pts = tuple(row["pts"]) or tuple(row["pts_start"] + i * row["pts_step"] for i in range(count))
+    return VideoInfo(
+        path=row["path"],
+        num_frames=count,
+        fps=row["fps"],
+        duration=row["duration"],
+        width=row["width"],
+        height=row["height"],
+        codec=row["codec"],
+        keyframes=tuple(row["keyframes"]),
+        keyframe_pts=tuple(row["keyframe_pts"]),
+        keyframe_dts=tuple(row["keyframe_dts"]),
+        stream_index=row["stream_index"],
+        time_base=Fraction(row["time_base"]),
+        pts=pts,
+        pts_ordered=row["pts_ordered"],
+    )
+
+
+def _probe_batch(batch: pa.Table) -> pa.Table:
+    rows = []
+    for row in batch.to_pylist():
+        try:
+            row.update(info_to_row(probe(row["path"], check_last_frame=True)))
+        except VideoDecodeError as error:
+            row["status"] = error.reason
+        rows.append(row)
+    schema = pa.schema(list(batch.schema) + INDEX_FIELDS)
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def _compact_pts(pts: tuple[int, ...]) -> tuple[int, int, list[int]]:
+    step = pts[1] - pts[0] if len(pts) > 1 else 0
+    if all(value == pts[0] + i * step for i, value in enumerate(pts)):
+        return pts[0], step, []
+    return pts[0], 0, list(pts)
+
+
+def _unusable(table: pa.Table) -> list[tuple[str, str]]:
+    return [(row["path"], row["status"]) for row in table.select(["path", "status"]).to_pylist() if row["status"] != OK]

@@ -1,0 +1,172 @@
+"""Manifests: a Parquet or CSV table of `path,label` (optionally `start_sec,end_sec`), and the label map beside it.
+
+The label map is `labels.txt` in the manifest's folder: one class name a line, the index is the line number. Labels
+in a manifest are indices, or names looked up in the label map. Relative paths resolve against a root (by default
+the manifest's folder); a path that leaves the root is refused unless explicitly allowed, so a manifest can't
+quietly read files elsewhere. Whether the files exist and decode is the index's business, not the manifest's.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+
+LABEL_MAP_NAME = "labels.txt"
+REQUIRED_COLUMNS = ("path", "label")
+OPTIONAL_COLUMNS = ("start_sec", "end_sec")
+
+
+class ManifestError(ValueError):
+    """A manifest or label map that can't be used; the message is one line saying why."""
+
+
+def label_map_path(manifest_path: str | os.PathLike) -> Path:
+    """Where the label map of a manifest lives."""
+    return Path(manifest_path).parent / LABEL_MAP_NAME
+
+
+def read_label_map(path: str | os.PathLike) -> list[str]:
+    """Class names in index order."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: label map not found")
+    names = path.read_text(encoding="utf-8").splitlines()
+    if not names or any(not name.strip() for name in names):
+        raise ManifestError(f"{path}: a label map needs one non-empty class name a line")
+    _check_unique(names, path)
+    return names
+
+
+def write_label_map(names: list[str], path: str | os.PathLike) -> None:
+    path = Path(path)
+    if not names or any(not name.strip() or "\n" in name for name in names):
+        raise ManifestError(f"{path}: class names must be non-empty single lines")
+    _check_unique(names, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{name}\n" for name in names), encoding="utf-8")
+
+
+def write_manifest(table: pa.Table, path: str | os.PathLike) -> None:
+    """Write a manifest as Parquet or CSV, chosen by the suffix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if _format(path) == "parquet":
+        pq.write_table(table, path)
+    else:
+        pa_csv.write_csv(table, path)
+
+
+def read_manifest(
+    path: str | os.PathLike, root: str | os.PathLike | None = None, allow_outside_root: bool = False
+) -> pa.Table:
+    """The manifest with absolute, normalised paths and integer labels.
+
+    Columns: path (string), label (int64), and start_sec, end_sec (float64, null = the video's start or end) when
+    the file has them.
+    """
+    path = Path(path)
+    table = _read_table(path)
+    unexpected = [name for name in table.column_names if name not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]
+    missing = [name for name in REQUIRED_COLUMNS if name not in table.column_names]
+    if missing or unexpected:
+        raise ManifestError(
+            f"{path}: wrong columns {table.column_names}: needs {', '.join(REQUIRED_COLUMNS)}"
+            f" and may have {', '.join(OPTIONAL_COLUMNS)}"
+        )
+    if table.num_rows == 0:
+        raise ManifestError(f"{path}: the manifest is empty")
+    base = Path(root) if root is not None else path.parent
+    columns = {
+        "path": pa.array(_resolve_paths(table.column("path"), base, allow_outside_root, path), pa.string()),
+        "label": _labels(table.column("label"), path),
+    }
+    for name in OPTIONAL_COLUMNS:
+        if name in table.column_names:
+            columns[name] = _seconds(table.column(name), name, path)
+    if "start_sec" in columns and "end_sec" in columns:
+        backwards = pc.greater_equal(columns["start_sec"], columns["end_sec"]).to_pylist()
+        if True in backwards:
+            raise ManifestError(f"{path}: row {backwards.index(True) + 1} has start_sec not before end_sec")
+    return pa.table(columns)
+
+
+def _format(path: Path) -> str:
+    if path.suffix in {".parquet", ".pq"}:
+        return "parquet"
+    if path.suffix == ".csv":
+        return "csv"
+    raise ManifestError(f"{path}: a manifest must be .parquet or .csv")
+
+
+def _read_table(path: Path) -> pa.Table:
+    kind = _format(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: manifest not found")
+    try:
+        if kind == "parquet":
+            return pq.read_table(path)
+        convert = pa_csv.ConvertOptions(
+            column_types={"path": pa.string(), "start_sec": pa.float64(), "end_sec": pa.float64()}
+        )
+        return pa_csv.read_csv(path, convert_options=convert)
+    except (pa.ArrowInvalid, OSError) as error:
+        raise ManifestError(f"{path}: unreadable {kind}: {str(error).splitlines()[0]}") from None
+
+
+def _resolve_paths(column: pa.ChunkedArray, base: Path, allow_outside_root: bool, manifest: Path) -> list[str]:
+    root = os.path.abspath(base)
+    resolved = []
+    for row, value in enumerate(column.to_pylist(), start=1):
+        if value is None or not str(value).strip():
+            raise ManifestError(f"{manifest}: row {row} has no path")
+        absolute = os.path.normpath(os.path.join(root, value))
+        if not allow_outside_root and os.path.commonpath([root, absolute]) != root:
+            raise ManifestError(f"{manifest}: row {row} path {value!r} is outside the root {root}")
+        resolved.append(absolute)
+    return resolved
+
+
+def _labels(column: pa.ChunkedArray, manifest: Path) -> pa.Array:
+    """Integer labels, checked against the label map when there is one. A text label is a class name from the
+    label map, or else an index written as digits."""
+    names_path = label_map_path(manifest)
+    names = read_label_map(names_path) if names_path.is_file() else None
+    if column.null_count:
+        raise ManifestError(f"{manifest}: row {column.to_pylist().index(None) + 1} has no label")
+    if not (pa.types.is_integer(column.type) or pa.types.is_string(column.type)):
+        raise ManifestError(f"{manifest}: labels must be integers or class names, not {column.type}")
+    index_of = {name: index for index, name in enumerate(names or [])}
+    labels = []
+    for row, value in enumerate(column.to_pylist(), start=1):
+        label = index_of.get(value) if isinstance(value, str) else value
+        if label is None and value.isdigit():
+            label = int(value)
+        if label is None and names is None:
+            raise ManifestError(f"{manifest}: row {row} label {value!r} is a class name but there is no {names_path}")
+        if label is None or label < 0 or (names is not None and label >= len(names)):
+            raise ManifestError(f"{manifest}: row {row} has unknown label {value!r}")
+        labels.append(label)
+    return pa.array(labels, pa.int64())
+
+
+def _seconds(column: pa.ChunkedArray, name: str, manifest: Path) -> pa.Array:
+    try:
+        seconds = column.cast(pa.float64())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        raise ManifestError(f"{manifest}: {name} must be a number of seconds") from None
+    if pc.any(pc.less(seconds, 0)).as_py():
+        raise ManifestError(f"{manifest}: {name} must not be negative")
+    return seconds.combine_chunks()
+
+
+def _check_unique(names: list[str], path: Path) -> None:
+    seen = set()
+    for name in names:
+        if name in seen:
+            raise ManifestError(f"{path}: class name {name!r} appears twice")
+        seen.add(name)

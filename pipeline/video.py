@@ -1,0 +1,383 @@
+"""Frame-exact video decoding with PyAV: probe a video once, then decode only what a clip needs.
+
+A frame's index is its position in presentation (display) order. `probe` demuxes the video stream without decoding
+it and records every packet timestamp, so `decode_frames` can seek to the keyframe before the first wanted frame,
+identify each decoded frame exactly, skip decoding frames that nothing needs, and convert to RGB only the frames it
+returns.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import os
+import re
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from fractions import Fraction
+
+import av
+import numpy as np
+from av.video.reformatter import VideoReformatter
+
+# Containers that store real presentation timestamps; in these a decoded frame is identified by its pts. Elsewhere
+# (AVI, raw streams) the demuxer guesses pts, so frames are identified by counting from a keyframe instead.
+PTS_ORDERED_FORMATS = frozenset({"mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "mpegts"})
+# A container whose video ends this much before its header says is truncated, not merely rounded.
+TRUNCATION_TOLERANCE_SEC = 0.5
+
+
+class VideoDecodeError(Exception):
+    """A video that can't be probed or decoded; str() is one line naming the path and the reason."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(str(path), reason)
+        self.path = str(path)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What decoding needs to know about a video, measured once by `probe`."""
+
+    path: str
+    num_frames: int
+    fps: float
+    duration: float
+    width: int
+    height: int
+    codec: str
+    keyframes: tuple[int, ...]  # presentation indices of the frames a decode can start from
+    keyframe_pts: tuple[int, ...]  # their pts: to seek to, and to recognise them once decoded
+    keyframe_dts: tuple[int, ...]  # their dts: to seek to in containers that seek by decode time
+    stream_index: int
+    time_base: Fraction
+    pts: tuple[int, ...]  # pts of every frame, in presentation order
+    pts_ordered: bool  # True: frames are identified by pts; False: by counting from a keyframe
+
+
+def probe(path: str | os.PathLike, *, check_last_frame: bool = False) -> VideoInfo:
+    """Demux the video stream once and describe it; with check_last_frame, also prove the last frame decodes.
+
+    Raises VideoDecodeError for anything that makes the video unusable.
+    """
+    path = str(path)
+    _check_file(path)
+    with _ffmpeg_errors(path, "cannot read"), _open(path) as container:
+        info = _describe(path, container)
+    if check_last_frame:
+        try:
+            decode_frames(path, [info.num_frames - 1], info)
+        except VideoDecodeError as error:
+            raise VideoDecodeError(path, f"the last frame does not decode ({error.reason})") from None
+    return info
+
+
+def decode_frames(
+    path: str | os.PathLike, indices: Iterable[int], info: VideoInfo | None = None, *, threads: int = 1
+) -> np.ndarray:
+    """The frames at `indices` (presentation order; any order, repeats allowed) as uint8 RGB (N, H, W, 3).
+
+    Pass the `info` from the index to skip the demux pass. `threads` is the thread count of the decoder and of the
+    colour conversion: one thread per CPU the caller has (FFmpeg's automatic choice spends more CPU time).
+    """
+    path = str(path)
+    wanted = [int(index) for index in indices]
+    info = info if info is not None else probe(path)
+    if not wanted:
+        return np.empty((0, info.height, info.width, 3), dtype=np.uint8)
+    for index in wanted:
+        if not 0 <= index < info.num_frames:
+            raise VideoDecodeError(
+                path, f"frame index {index} is past the end (the video has {info.num_frames} frames)"
+            )
+    kept = _decode_unique(path, info, sorted(set(wanted)), threads)
+    return np.stack([kept[index] for index in wanted])
+
+
+def _check_file(path: str) -> None:
+    if not os.path.exists(path):
+        raise VideoDecodeError(path, "file not found")
+    if not os.path.isfile(path):
+        raise VideoDecodeError(path, "not a regular file")
+    if os.path.getsize(path) == 0:
+        raise VideoDecodeError(path, "empty file")
+
+
+@contextmanager
+def _ffmpeg_errors(path: str, action: str) -> Iterator[None]:
+    """Turn FFmpeg and OS errors into VideoDecodeError naming what was being done."""
+    try:
+        yield
+    except av.error.FFmpegError as error:
+        raise VideoDecodeError(path, f"{action}: {error.strerror}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise VideoDecodeError(path, f"{action}: {error}") from None
+
+
+def _open(path: str) -> av.container.InputContainer:
+    try:
+        return av.open(path, metadata_errors="ignore")
+    except FileNotFoundError:  # gone since it was probed
+        raise VideoDecodeError(path, "file not found") from None
+    except av.error.InvalidDataError:
+        reason = "not a video file, or one truncated before its index (FFmpeg can't read it)"
+        raise VideoDecodeError(path, reason) from None
+    except av.error.EOFError:
+        raise VideoDecodeError(path, "truncated: the file ends inside its header") from None
+
+
+def _video_stream(path: str, container: av.container.InputContainer) -> av.video.stream.VideoStream:
+    """The first real video stream; cover art (an attached picture) doesn't count."""
+    if container.format.name == "image2" or container.format.name.endswith("_pipe"):
+        raise VideoDecodeError(path, f"a still image ({container.format.name}), not a video")
+    for stream in container.streams.video:
+        if not stream.disposition & av.stream.Disposition.attached_pic:
+            return stream
+    kinds = ", ".join(stream.type for stream in container.streams) or "none"
+    raise VideoDecodeError(path, f"no video stream (streams: {kinds})")
+
+
+def _describe(path: str, container: av.container.InputContainer) -> VideoInfo:
+    stream = _video_stream(path, container)
+    packets = 0
+    decode_order_pts: list[int] = []
+    keyframe_positions: list[int] = []
+    keyframe_dts: list[int] = []
+    pts_missing = False
+    for packet in container.demux(stream):
+        if packet.size == 0 and packet.pts is None and packet.dts is None:
+            continue  # PyAV's end-of-stream marker
+        packets += 1
+        if packet.is_discard or packet.size == 0:
+            continue  # the decoder outputs no frame for these
+        timestamp = packet.pts if packet.pts is not None else packet.dts
+        if timestamp is None:
+            raise VideoDecodeError(path, "a video packet has no timestamp")
+        pts_missing |= packet.pts is None
+        if packet.is_keyframe:
+            keyframe_positions.append(len(decode_order_pts))
+            keyframe_dts.append(packet.dts if packet.dts is not None else timestamp)
+        decode_order_pts.append(timestamp)
+    if not decode_order_pts:
+        raise VideoDecodeError(path, "no video frames")
+    if stream.frames and packets < stream.frames:
+        raise VideoDecodeError(path, f"truncated: {packets} of the {stream.frames} frames its header declares")
+
+    pts = tuple(sorted(decode_order_pts))
+    time_base = stream.time_base
+    pts_ordered = (
+        container.format.name in PTS_ORDERED_FORMATS and not pts_missing and len(set(pts)) == len(pts)
+    )
+    keyframe_pts = tuple(decode_order_pts[position] for position in keyframe_positions)
+    keyframes = tuple(bisect.bisect_left(pts, timestamp) for timestamp in keyframe_pts)
+
+    fps = _frame_rate(stream, pts)
+    if fps <= 0:
+        raise VideoDecodeError(path, "unknown frame rate")
+    _check_declared_end(path, stream, end_sec=float(pts[-1] * time_base) + 1 / fps)
+    width, height = stream.codec_context.width, stream.codec_context.height
+    if width <= 0 or height <= 0:
+        raise VideoDecodeError(path, "unknown frame size")
+    return VideoInfo(
+        path=path,
+        num_frames=len(pts),
+        fps=fps,
+        duration=len(pts) / fps,
+        width=width,
+        height=height,
+        codec=stream.codec_context.name,
+        keyframes=keyframes,
+        keyframe_pts=keyframe_pts,
+        keyframe_dts=tuple(keyframe_dts),
+        stream_index=stream.index,
+        time_base=time_base,
+        pts=pts,
+        pts_ordered=pts_ordered,
+    )
+
+
+def _frame_rate(stream: av.video.stream.VideoStream, pts: tuple[int, ...]) -> float:
+    """Frames per second of the frames actually present: the container's average, else measured from pts."""
+    if stream.average_rate:
+        return float(stream.average_rate)
+    span = float((pts[-1] - pts[0]) * stream.time_base)
+    if len(pts) > 1 and span > 0:
+        return (len(pts) - 1) / span
+    return float(stream.guessed_rate or 0)
+
+
+def _check_declared_end(path: str, stream: av.video.stream.VideoStream, end_sec: float) -> None:
+    """Catch truncation in containers that declare a duration but no frame count (Matroska, WebM)."""
+    if stream.frames:
+        return  # the frame count check is exact
+    declared = _declared_end_sec(stream)
+    if declared is not None and end_sec < declared - TRUNCATION_TOLERANCE_SEC:
+        reason = f"truncated: the video ends at {end_sec:.2f} s but its header says {declared:.2f} s"
+        raise VideoDecodeError(path, reason)
+
+
+def _declared_end_sec(stream: av.video.stream.VideoStream) -> float | None:
+    if stream.duration:
+        return float(((stream.start_time or 0) + stream.duration) * stream.time_base)
+    tag = re.fullmatch(r"(\d+):(\d+):(\d+(?:\.\d+)?)", stream.metadata.get("DURATION", ""))
+    if tag:
+        hours, minutes, seconds = tag.groups()
+        return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    return None
+
+
+class _SeekMissed(Exception):
+    """No seek reached the keyframe asked for, or decoding began past it."""
+
+
+class _PtsOutOfOrder(Exception):
+    """The decoder's timestamps contradict the probe's; identify frames by counting instead."""
+
+
+def _decode_unique(path: str, info: VideoInfo, wanted: list[int], threads: int) -> dict[int, np.ndarray]:
+    """Decode the sorted, distinct `wanted` frames, starting from the last keyframe at or before the first."""
+    starts = sorted({kf for kf in info.keyframes if 0 < kf <= wanted[0]}, reverse=True) + [0]
+    for start in starts:
+        try:
+            return _decode_from(path, info, start, wanted, threads)
+        except _SeekMissed:
+            continue
+        except _PtsOutOfOrder:
+            return _decode_from(path, replace(info, pts_ordered=False), 0, wanted, threads)
+    raise AssertionError("decoding from frame 0 never misses its seek")
+
+
+def _decode_from(path: str, info: VideoInfo, start: int, wanted: list[int], threads: int) -> dict[int, np.ndarray]:
+    number = _PtsNumbering(info, start) if info.pts_ordered else _CountNumbering(info, start)
+    to_rgb = _RgbConverter(info, threads)
+    wanted_set = set(wanted)
+    kept: dict[int, np.ndarray] = {}
+    with _ffmpeg_errors(path, "decoding failed"), _open(path) as container:
+        stream = container.streams[info.stream_index]
+        stream.codec_context.thread_count = threads
+        if threads > 1:
+            stream.codec_context.thread_type = "AUTO"
+        packets = _packets_from(container, stream, info, start)
+        needed_pts = {info.pts[index] for index in wanted} if info.pts_ordered else None
+        for frame in _decoded(packets, stream.codec_context, needed_pts):
+            index = number(frame)
+            if index in wanted_set:
+                kept[index] = to_rgb(frame)
+                if len(kept) == len(wanted_set):
+                    return kept
+            if index is not None and index >= wanted[-1]:
+                break
+    if not number.anchored:
+        raise _SeekMissed
+    missing = next(index for index in wanted if index not in kept)
+    raise VideoDecodeError(path, f"frame {missing} did not decode: the stream ends early (truncated or corrupt)")
+
+
+def _packets_from(
+    container: av.container.InputContainer, stream: av.video.stream.VideoStream, info: VideoInfo, start: int
+) -> Iterator[av.Packet]:
+    """The stream's packets from the keyframe shown at index `start`, or else from an earlier keyframe.
+
+    Demuxers seek by different clocks (MP4 and Matroska land on a keyframe's pts, MPEG-TS on its dts), so both are
+    tried, and a seek counts only if the first packet read is that keyframe.
+    """
+    if start == 0:
+        return container.demux(stream)
+    position = info.keyframes.index(start)
+    keyframe_pts = info.keyframe_pts[position]
+    earlier = None
+    for target in dict.fromkeys((keyframe_pts, info.keyframe_dts[position])):
+        container.seek(target, stream=stream, backward=True)
+        packets = container.demux(stream)
+        first = next(packets, None)
+        if first is not None and first.is_keyframe and first.pts is not None:
+            if first.pts == keyframe_pts:
+                return itertools.chain([first], packets)
+            if first.pts < keyframe_pts and earlier is None:
+                earlier = target
+    if earlier is None:
+        raise _SeekMissed
+    container.seek(earlier, stream=stream, backward=True)
+    return container.demux(stream)
+
+
+def _decoded(
+    packets: Iterator[av.Packet], codec: av.codec.context.CodecContext, needed_pts: set[int] | None
+) -> Iterator[av.VideoFrame]:
+    """Decoded frames in output order. Given needed_pts, the decoder skips non-reference frames outside it."""
+    for packet in packets:
+        if packet.size == 0:
+            continue
+        if needed_pts is not None:
+            codec.skip_frame = "DEFAULT" if packet.is_keyframe or packet.pts in needed_pts else "NONREF"
+        yield from codec.decode(packet)
+    codec.skip_frame = "DEFAULT"
+    yield from codec.decode(None)
+
+
+class _PtsNumbering:
+    """Index of each decoded frame from its pts; frames shown before the start keyframe are ignored."""
+
+    def __init__(self, info: VideoInfo, start: int) -> None:
+        self.index_of = {timestamp: index for index, timestamp in enumerate(info.pts)}
+        self.anchor = info.pts[start] if start > 0 else None
+        self.last = -1
+
+    @property
+    def anchored(self) -> bool:
+        return self.anchor is None
+
+    def __call__(self, frame: av.VideoFrame) -> int | None:
+        if self.anchor is not None:
+            if frame.pts is None or frame.pts < self.anchor:
+                return None
+            if frame.pts > self.anchor:
+                raise _SeekMissed
+            self.anchor = None
+        index = self.index_of.get(frame.pts)
+        if index is None or index <= self.last:
+            raise _PtsOutOfOrder
+        self.last = index
+        return index
+
+
+class _CountNumbering:
+    """Index of each decoded frame by counting from the start keyframe, recognised by its pts.
+
+    Frames output before it (pictures of an open GOP that are shown before the keyframe) are ignored.
+    """
+
+    def __init__(self, info: VideoInfo, start: int) -> None:
+        self.next = start
+        self.anchor = info.keyframe_pts[info.keyframes.index(start)] if start > 0 else None
+
+    @property
+    def anchored(self) -> bool:
+        return self.anchor is None
+
+    def __call__(self, frame: av.VideoFrame) -> int | None:
+        if self.anchor is not None:
+            if frame.pts != self.anchor:
+                return None
+            self.anchor = None
+        index = self.next
+        self.next += 1
+        return index
+
+
+class _RgbConverter:
+    """RGB at the probed size (a frame that changed size mid-stream is scaled back), reusing one scaler context."""
+
+    def __init__(self, info: VideoInfo, threads: int) -> None:
+        self.reformatter = VideoReformatter()
+        self.size = {"width": info.width, "height": info.height}
+        self.threads = threads
+
+    def __call__(self, frame: av.VideoFrame) -> np.ndarray:
+        rgb = self.reformatter.reformat(frame, format="rgb24", threads=self.threads, **self.size)
+        return rgb.to_ndarray()

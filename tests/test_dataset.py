@@ -1,0 +1,112 @@
+"""Ray Datasets of clips: shapes and dtypes, per-epoch randomness, exact eval views, and counted skips."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import ray
+
+from pipeline import dataset
+from pipeline.index import info_to_row
+from pipeline.sampling import ClipSpec, uniform_clips
+from pipeline.skips import SkipSnapshot, skip_counter
+from pipeline.transforms import EvalTransform
+from pipeline.video import decode_frames, probe
+from tests.videos import H264_BFRAMES_LONG_GOP, MPEG4_AVI, VP9_WEBM, corrupt_keyframes, write_indexed_video
+
+CLIP = {"num_frames": 8, "sampling_rate": 4, "crop_size": 32}  # 29 frames at 30 fps
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("clips")
+    long_gop = write_indexed_video(folder / "long_gop.mp4", H264_BFRAMES_LONG_GOP)
+    return {
+        "long_gop": long_gop,
+        "webm": write_indexed_video(folder / "vp9.webm", VP9_WEBM),
+        "avi": write_indexed_video(folder / "mpeg4.avi", MPEG4_AVI),
+        "short": write_indexed_video(folder / "short.mp4", replace(H264_BFRAMES_LONG_GOP, num_frames=20)),
+        # Passes the index (its last GOP decodes) but no clip of it can: it starts in a broken GOP.
+        "broken_early": corrupt_keyframes(long_gop, folder / "broken_early.mp4", [0, 1]),
+        "vanishing": write_indexed_video(folder / "vanishing.mp4", VP9_WEBM),
+    }
+
+
+def _index(videos: dict[str, Path], names: list[str]) -> pa.Table:
+    """An index built without Ray: label = position in `names`."""
+    rows = [
+        {"path": str(videos[name]), "label": label, **info_to_row(probe(videos[name], check_last_frame=True))}
+        for label, name in enumerate(names)
+    ]
+    return pa.Table.from_pylist(rows)
+
+
+def _counter_name() -> str:
+    return f"test-skips-{uuid.uuid4().hex}"
+
+
+def test_train_clips_are_uint8_rows_per_clip_and_failures_are_skipped_and_counted_each_epoch(
+    ray_session, videos: dict[str, Path]
+) -> None:
+    names = ["long_gop", "webm", "avi", "short", "broken_early", "vanishing"]
+    index = _index(videos, names)
+    videos["vanishing"].unlink()  # gone after indexing: found only when decoding
+    counter = _counter_name()
+    clips = dataset.train_dataset(index, **CLIP, short_side=(32, 40), num_clips=2, skip_counter_name=counter)
+    handle = skip_counter(counter)
+
+    epochs = []
+    for _ in range(2):
+        before = ray.get(handle.snapshot.remote())
+        rows = clips.take_all()
+        epochs.append(rows)
+        assert ray.get(handle.snapshot.remote()) - before == SkipSnapshot(skipped=2, clamped=2)  # short: 2 clips
+        assert sorted(row["label"] for row in rows) == [0, 0, 1, 1, 2, 2, 3, 3]
+        for row in rows:
+            assert row["clip"].dtype == np.uint8 and row["clip"].shape == (8, 32, 32, 3)
+    reasons = ray.get(handle.reasons.remote())
+    assert set(reasons) == {str(videos["broken_early"]), str(videos["vanishing"])}
+    assert reasons[str(videos["vanishing"])] == "file not found"
+    assert ray.get(handle.total.remote()) == 4
+    first, second = ([row["clip"] for row in sorted(rows, key=lambda row: row["label"])] for rows in epochs)
+    assert not all(np.array_equal(a, b) for a, b in zip(first, second))  # new positions and crops each epoch
+
+
+def test_each_epoch_is_shuffled_anew(ray_session, videos: dict[str, Path]) -> None:
+    index = _index(videos, ["webm"] * 12)
+    clips = dataset.train_dataset(
+        index, **CLIP, short_side=(32, 32), concurrency=1, skip_counter_name=_counter_name()
+    )
+    orders = [[row["label"] for row in clips.take_all()] for _ in range(3)]
+    assert all(sorted(order) == list(range(12)) for order in orders)
+    assert len({tuple(order) for order in orders}) > 1
+
+
+def test_val_views_are_the_centre_clip_resized_and_centre_cropped_exactly(ray_session, videos: dict[str, Path]) -> None:
+    index = _index(videos, ["long_gop", "avi"])
+    rows = dataset.val_dataset(index, **CLIP, short_side=40, skip_counter_name=_counter_name()).take_all()
+    assert sorted(row["label"] for row in rows) == [0, 1]
+    for row in rows:
+        path = index.column("path")[row["label"]].as_py()
+        info = probe(path)
+        (clip,) = uniform_clips(info.num_frames, info.fps, ClipSpec(8, 4), 1)
+        (expected,) = EvalTransform(short_side=40, crop_size=32)(decode_frames(path, clip.indices))
+        np.testing.assert_array_equal(row["clip"], expected)
+
+
+def test_test_views_are_k_clips_times_s_crops_per_video(ray_session, videos: dict[str, Path]) -> None:
+    index = _index(videos, ["long_gop", "webm"])
+    views = dataset.test_dataset(
+        index, **CLIP, short_side=32, num_temporal_clips=2, num_spatial_crops=3, skip_counter_name=_counter_name()
+    ).take_all()
+    assert len(views) == 2 * 2 * 3
+    by_video = {}
+    for row in views:
+        assert row["label"] == row["video_id"]  # labels were set to the row number
+        by_video.setdefault(row["video_id"], []).append(row["view"])
+    assert {video: sorted(found) for video, found in by_video.items()} == {0: list(range(6)), 1: list(range(6))}
