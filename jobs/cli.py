@@ -11,16 +11,26 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.config import ConfigError, load_config
 
 
-def parse_config(prog: str, description: str, argv: Optional[Sequence[str]] = None) -> DictConfig:
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--config", help="a recipe YAML merged over conf/default.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotlist overrides, e.g. train.epochs=5")
-    args = parser.parse_args(argv)
+def config_or_exit(prog: str, config_file: Optional[str], overrides: Sequence[str], evaluation: bool = False) -> DictConfig:
     try:
-        return load_config(args.config, args.overrides)
+        return load_config(config_file, overrides, evaluation=evaluation)
     except ConfigError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def parse_config(prog: str, description: str, argv: Optional[Sequence[str]] = None,
+                 evaluation: bool = False) -> DictConfig:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", help="a recipe YAML merged over the defaults in conf/")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotlist overrides, e.g. train.epochs=5")
+    args = parser.parse_args(argv)
+    return config_or_exit(prog, args.config, args.overrides, evaluation)
+
+
+def overridden_keys(argv: Sequence[str]) -> set[str]:
+    """The keys a user set on the command line (they win over values a checkpoint carries)."""
+    return {item.split("=", 1)[0] for item in argv if "=" in item}
 
 
 def print_config(cfg: DictConfig) -> None:

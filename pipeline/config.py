@@ -73,6 +73,7 @@ class DataConfig:
     test_crops: int = MISSING
     cpus_per_task: float = MISSING
     decode_concurrency: int = MISSING
+    decode_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per decode task
     prefetch_batches: int = MISSING
     mean: list[float] = field(default_factory=lambda: [MISSING] * 3)
     std: list[float] = field(default_factory=lambda: [MISSING] * 3)
@@ -140,15 +141,53 @@ class TrainingJobConfig:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
 
+@dataclass
+class EvaluateConfig:
+    batch_size: int = MISSING
+    replicas: int = MISSING
+    use_gpu: bool = MISSING
+    cpus_per_replica: float = MISSING
+
+
+@dataclass
+class EvaluationJobConfig:
+    """`jobs.evaluate` and `jobs.predict`: a model reference, and the data/run/mlflow/scaling sections of training."""
+
+    model: str = MISSING  # checkpoint folder, .pt file, runs:/ or models:/ URI, or a foreign checkpoint; "": latest
+    model_source: str = MISSING  # auto | torchvision | pyslowfast | pytorchvideo
+    model_name: Optional[str] = None  # the preset, for checkpoints that don't name it
+    labels: str = MISSING  # label map; "": the model's own
+    top_k: int = MISSING
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+
+SHARED_SECTIONS = ("data", "scaling", "run", "mlflow")
+EVALUATE_CONFIG = CONF_DIR / "evaluate.yaml"
+
+
 def _one_line(error: OmegaConfBaseException) -> str:
     key = getattr(error, "full_key", None)
     reason = str(error).splitlines()[0]
     return f"config key '{key}': {reason}" if key else f"config: {reason}"
 
 
-def load_config(config_file: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> DictConfig:
-    """Merge the schema, `conf/default.yaml`, an optional recipe file and `key=value` overrides, then validate."""
-    layers = [OmegaConf.structured(TrainingJobConfig), OmegaConf.load(DEFAULT_CONFIG)]
+def load_config(config_file: Optional[str | Path] = None, overrides: Sequence[str] = (),
+                evaluation: bool = False) -> DictConfig:
+    """Merge the schema, `conf/default.yaml`, an optional recipe file and `key=value` overrides, then validate.
+
+    With `evaluation`, the schema is `EvaluationJobConfig`: the shared sections come from the training files and
+    the rest from `conf/evaluate.yaml`.
+    """
+    if evaluation:
+        defaults = OmegaConf.load(DEFAULT_CONFIG)
+        layers = [OmegaConf.structured(EvaluationJobConfig),
+                  OmegaConf.create({key: defaults[key] for key in SHARED_SECTIONS}), OmegaConf.load(EVALUATE_CONFIG)]
+    else:
+        layers = [OmegaConf.structured(TrainingJobConfig), OmegaConf.load(DEFAULT_CONFIG)]
     if config_file is not None:
         path = Path(config_file)
         if not path.is_file():
@@ -165,23 +204,26 @@ def load_config(config_file: Optional[str | Path] = None, overrides: Sequence[st
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"config key '{missing[0]}' has no value")
-    _check_choices(cfg)
+    _check_choices(cfg, evaluation)
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
 
-def _check_choices(cfg: DictConfig) -> None:
+def _check_choices(cfg: DictConfig, evaluation: bool) -> None:
     """Values that the schema types can't express: choices and ranges."""
-    choices = {
-        "train.precision": (cfg.train.precision, PRECISIONS),
-        "data.augment.crop": (cfg.data.augment.crop, CROP_MODES),
-        "model.pretrained_source": (cfg.model.pretrained_source, PRETRAINED_SOURCES),
-    }
+    choices = {"data.augment.crop": (cfg.data.augment.crop, CROP_MODES)}
+    if evaluation:
+        choices["model_source"] = (cfg.model_source, ("auto",) + PRETRAINED_SOURCES)
+    else:
+        choices["train.precision"] = (cfg.train.precision, PRECISIONS)
+        choices["model.pretrained_source"] = (cfg.model.pretrained_source, PRETRAINED_SOURCES)
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"config key '{key}': '{value}' is not one of {', '.join(allowed)}")
-    positive = ["train.epochs", "train.batch_size", "data.num_frames", "data.sampling_rate", "data.crop_size",
-                "data.num_clips", "scaling.num_workers", "train.lr", "data.test_clips", "data.test_crops"]
+    positive = ["data.num_frames", "data.sampling_rate", "data.crop_size", "data.num_clips", "scaling.num_workers",
+                "data.test_clips", "data.test_crops"]
+    positive += ["evaluate.batch_size", "evaluate.replicas", "top_k"] if evaluation else [
+        "train.epochs", "train.batch_size", "train.lr"]
     for key in positive:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"config key '{key}': must be > 0, got {OmegaConf.select(cfg, key)}")

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 import numpy as np
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -24,7 +25,7 @@ from pipeline.config import flatten
 from pipeline.metrics import topk_hits
 from pipeline.mixup import MixupCutmix, soft_target_cross_entropy
 from pipeline.optim import WarmupCosine, build_optimizer, scaled_lr, set_lr
-from pipeline.skips import skipped_total
+from pipeline.skips import skip_counter
 
 log = logging.getLogger(__name__)
 
@@ -270,8 +271,9 @@ class Trainer:
         while self.state.epoch < epochs:
             self.train_epoch(steps_per_epoch)
             val = self.validate()
-            skipped_now = skipped_total(self.job["skip_counter"])
-            skipped = skipped_now - self.state.skipped_before
+            skipped_now = ray.get(skip_counter(self.job["skip_counter"]).total.remote())
+            # A driver that died and came back brings a new counter that starts from zero.
+            skipped = skipped_now - self.state.skipped_before if skipped_now >= self.state.skipped_before else skipped_now
             self.state.skipped_before = skipped_now
             if self.rank == 0:
                 for key, value in val.items():
@@ -299,7 +301,8 @@ class Trainer:
         if self.logger.client.get_run(self.run_id).data.tags.get("mvit.models_logged") == "true":
             return
         frames, height, width = self.job["input_size"]
-        example = np.zeros((1, 3, frames, height, width), dtype=np.float32)
+        # Batch 2: torch.export specialises a dimension whose example size is 0 or 1.
+        example = np.zeros((2, 3, frames, height, width), dtype=np.float32)
         final = _unwrap(self.model).to("cpu").eval()
         self.logger.log_model(final, "model", example, None)
         if self.best_model is not None:

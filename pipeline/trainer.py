@@ -7,8 +7,11 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 from omegaconf import DictConfig, OmegaConf
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, Result, RunConfig, ScalingConfig
@@ -16,8 +19,7 @@ from ray.train.torch import TorchTrainer
 
 from pipeline import dataset, index, manifest, tracking
 from pipeline.config import to_container
-from pipeline.demo import make_demo_dataset
-from pipeline.skips import SkipCounter
+from pipeline.demo import DemoDataset, make_demo_dataset
 from pipeline.train_loop import train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -42,8 +44,8 @@ class ValidationSplit(DataConfig):
 class DataPlan:
     """Everything the driver learnt about the data before training starts."""
 
-    train_index: Any
-    val_index: Any
+    train_index: pa.Table
+    val_index: pa.Table
     labels: list[str]
     excluded: list[tuple[str, str]]
 
@@ -68,26 +70,51 @@ def use_demo_if_unset(cfg: DictConfig) -> None:
     """With no `data.train`, generate the demo dataset (if absent) and train on it."""
     if cfg.data.train:
         return
-    demo = make_demo_dataset(cfg.data.demo.out, seed=cfg.data.demo.seed, videos_per_class=cfg.data.demo.videos_per_class)
+    out = Path(cfg.data.demo.out)
+    demo = DemoDataset(out, out / "train.csv", out / "val.csv", out / manifest.LABEL_MAP_NAME)
+    if not all(path.is_file() for path in (demo.train_manifest, demo.val_manifest, demo.label_map)):
+        print(f"making the demo dataset in {out}")
+        demo = make_demo_dataset(out, seed=cfg.data.demo.seed, videos_per_class=cfg.data.demo.videos_per_class)
     cfg.data.train, cfg.data.val = str(demo.train_manifest), str(demo.val_manifest)
     cfg.data.labels = cfg.data.labels or str(demo.label_map)
     cfg.data.root = cfg.data.root or str(demo.root)
 
 
+def is_index(path: str) -> bool:
+    """An index (probed already) rather than a manifest: a Parquet file with the probe's `status` column."""
+    return path.endswith((".parquet", ".pq")) and "status" in pq.read_schema(path).names
+
+
+def ensure_index(source: str, cached: Path, root: Optional[str], allow_outside_root: bool, cpus_per_task: float,
+                 concurrency: Optional[int]) -> str:
+    """The index of `source`: itself if already probed, else a probe of the manifest, cached until it changes."""
+    if is_index(source):
+        return source
+    if cached.is_file() and cached.stat().st_mtime >= Path(source).stat().st_mtime:
+        return str(cached)
+    summary = index.build_index(source, cached, root, allow_outside_root=allow_outside_root,
+                                cpus_per_task=cpus_per_task, concurrency=concurrency)
+    print(f"probed {source}: {summary.usable} of {summary.total} videos usable")
+    return str(summary.path)
+
+
 def plan_data(cfg: DictConfig) -> DataPlan:
     """Probe each manifest once into a Parquet index (cached beside the run); unusable videos are left out here."""
+    labels = manifest.read_label_map(cfg.data.labels or manifest.label_map_path(cfg.data.train))
     index_dir = Path(cfg.run.storage_path) / cfg.run.name / "index"
-    labels_path = cfg.data.labels or str(Path(cfg.data.train).parent / manifest.LABEL_MAP_FILE)
-    labels = manifest.read_label_map(labels_path)
     tables, excluded = [], []
     for split in ("train", "val"):
         source = getattr(cfg.data, split)
         if not source:
             raise ValueError(f"data.{split} is not set (a manifest or an index)")
-        index_path = index.ensure_index(source, index_dir / f"{split}.parquet", root=cfg.data.root or None,
-                                        allow_outside_root=cfg.data.allow_outside_root,
-                                        num_classes=len(labels))
-        usable, unusable = index.read_usable(index_path)
+        usable, unusable = index.read_usable(ensure_index(
+            source, index_dir / f"{split}.parquet", cfg.data.root or None, cfg.data.allow_outside_root,
+            cfg.data.cpus_per_task, cfg.data.decode_concurrency))
+        if usable.num_rows == 0:
+            raise ValueError(f"data.{split} {source}: no usable videos ({len(unusable)} unusable)")
+        out_of_range = pc.max(usable.column("label")).as_py() >= len(labels)
+        if out_of_range:
+            raise ValueError(f"data.{split} {source}: a label is past the {len(labels)} names of the label map")
         tables.append(usable)
         excluded.extend(unusable)
     for path, reason in excluded:
@@ -99,16 +126,17 @@ def build_trainer(cfg: DictConfig, plan: DataPlan, run_id: str) -> TorchTrainer:
     data, train = cfg.data, cfg.train
     input_size = (data.num_frames, data.crop_size, data.crop_size)
     num_classes = cfg.model.num_classes or len(plan.labels)
-    skip_counter = SkipCounter.name_for(cfg.run.name)
+    skip_counter = f"skips-{cfg.run.name}"
     clip_args = dict(num_frames=data.num_frames, sampling_rate=data.sampling_rate, target_fps=data.target_fps,
                      crop_size=data.crop_size, cpus_per_task=data.cpus_per_task,
-                     concurrency=data.decode_concurrency, skip_counter=skip_counter)
+                     concurrency=data.decode_concurrency, resources=dict(data.decode_resources),
+                     skip_counter_name=skip_counter)
     augment = data.augment
     datasets = {
         "train": dataset.train_dataset(
-            plan.train_index, num_clips=data.num_clips, crop_mode=augment.crop,
-            short_side_range=(augment.min_short_side, augment.max_short_side),
-            area_range=(augment.min_area, augment.max_area), aspect_range=(augment.min_aspect, augment.max_aspect),
+            plan.train_index, num_clips=data.num_clips, random_resized_crop=augment.crop == "inception",
+            short_side=(augment.min_short_side, augment.max_short_side),
+            crop_area=(augment.min_area, augment.max_area), crop_aspect=(augment.min_aspect, augment.max_aspect),
             flip=augment.flip, **clip_args),
         "val": dataset.val_dataset(plan.val_index, short_side=data.test_short_side, **clip_args),
     }

@@ -1,0 +1,70 @@
+"""An evaluation's MLflow run: metrics, per-video predictions (Parquet), a confusion matrix (PNG), per-class accuracy."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+from omegaconf import DictConfig
+
+from pipeline.model_source import LoadedModel
+from pipeline.tracking import redact, resolve_tracking_uri
+
+EVALUATES_TAG = "mvit.evaluates"
+
+
+def _confusion_png(matrix: np.ndarray, labels: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size = min(4 + 0.25 * len(labels), 40)
+    figure, axes = plt.subplots(figsize=(size, size))
+    axes.imshow(matrix, cmap="Blues")
+    if len(labels) <= 50:
+        axes.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
+        axes.set_yticks(range(len(labels)), labels, fontsize=7)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def log_evaluation(cfg: DictConfig, reference: dict[str, Any], loaded: LoadedModel, result: Any,
+                   excluded: list[tuple[str, str]], skipped: dict[str, str]) -> str:
+    """Log to a new run in the experiment, tagged with the training run it measures; returns its id."""
+    import mlflow
+
+    mlflow.set_tracking_uri(resolve_tracking_uri(cfg.mlflow.tracking_uri, Path.cwd()))
+    mlflow.set_experiment(cfg.mlflow.experiment)
+    tags = {"mvit.kind": "evaluation"}
+    if loaded.training_run_id:
+        tags[EVALUATES_TAG] = loaded.training_run_id
+    with mlflow.start_run(run_name=f"evaluate-{Path(str(loaded.description)).name}", tags=tags) as run:
+        mlflow.log_params({
+            "model": redact(reference["reference"]), "model_source": reference["source"],
+            "data.test": cfg.data.test, "data.test_clips": cfg.data.test_clips, "data.test_crops": cfg.data.test_crops,
+        })
+        mlflow.log_metrics({
+            "test/top1": result.top1, "test/top5": result.top5, "test/mean_class_accuracy": result.mean_class_accuracy,
+            "test/videos": result.videos, "test/excluded": len(excluded), "test/skipped": len(skipped),
+        })
+        with tempfile.TemporaryDirectory() as folder:
+            folder = Path(folder)
+            names = pa.array([loaded.labels[i] for i in result.predictions.column("prediction").to_pylist()])
+            pq.write_table(result.predictions.append_column("prediction_name", names), folder / "predictions.parquet")
+            per_class = pa.table({"class": loaded.labels, "accuracy": result.per_class_accuracy,
+                                  "videos": result.confusion.sum(axis=1)})
+            pa_csv.write_csv(per_class, folder / "per_class_accuracy.csv")
+            _confusion_png(result.confusion, loaded.labels, folder / "confusion_matrix.png")
+            unusable = [f"{path}\t{reason}" for path, reason in excluded + sorted(skipped.items())]
+            (folder / "unusable_videos.tsv").write_text("\n".join(unusable) + ("\n" if unusable else ""))
+            mlflow.log_artifacts(str(folder))
+        return run.info.run_id
