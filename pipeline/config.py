@@ -34,6 +34,8 @@ class ModelConfig:
     pretrained_source: str = MISSING
     drop_path_rate: float = MISSING
     head_dropout: float = MISSING
+    activation_checkpointing: bool = MISSING  # recompute each block in backward: less memory, ~1/3 more compute
+    pool_memory_format: str = MISSING  # contiguous | channels_last_3d (layout of the pooling convs' volumes)
 
 
 @dataclass
@@ -84,6 +86,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     epochs: int = MISSING
+    compile: bool = MISSING  # torch.compile the DDP model
     batch_size: int = MISSING
     lr: float = MISSING
     lr_reference_batch: int = MISSING

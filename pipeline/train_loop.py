@@ -61,6 +61,8 @@ def normalise(clips: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> tor
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
+    """The MViT inside torch.compile's and DDP's wrappers: what checkpoints and MLflow models hold."""
+    model = getattr(model, "_orig_mod", model)
     return model.module if hasattr(model, "module") else model
 
 
@@ -87,10 +89,14 @@ class Trainer:
         model = mvit.create_model(cfg["model"]["name"], num_classes=job["num_classes"],
                                   input_size=job["input_size"],
                                   drop_path_rate=cfg["model"]["drop_path_rate"],
-                                  head_dropout=cfg["model"]["head_dropout"])
+                                  head_dropout=cfg["model"]["head_dropout"],
+                                  activation_checkpointing=cfg["model"]["activation_checkpointing"],
+                                  pool_memory_format=cfg["model"]["pool_memory_format"])
         if cfg["model"]["pretrained"]:
             mvit.load_pretrained(model, cfg["model"]["pretrained"], source=cfg["model"]["pretrained_source"])
         self.model = ray.train.torch.prepare_model(model)
+        if cfg["train"]["compile"]:
+            self.model = torch.compile(self.model)
         global_batch = cfg["train"]["batch_size"] * self.world
         self.peak_lr = scaled_lr(cfg["train"]["lr"], cfg["train"]["lr_reference_batch"], global_batch)
         self.optimizer = build_optimizer(_unwrap(self.model), self.peak_lr, cfg["train"]["weight_decay"],

@@ -31,7 +31,9 @@ def ray_session():
             num_cpus=4,
             include_dashboard=False,
             log_to_driver=False,
-            runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}},
+            # tests/ too: pytest imports test modules by their bare names, and train functions defined in a test
+            # module are pickled by reference to them
+            runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests")])}},
         )
     yield ray
     ray.shutdown()
