@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -126,7 +127,9 @@ def build_trainer(cfg: DictConfig, plan: DataPlan, run_id: str) -> TorchTrainer:
     data, train = cfg.data, cfg.train
     input_size = (data.num_frames, data.crop_size, data.crop_size)
     num_classes = cfg.model.num_classes or len(plan.labels)
-    skip_counter = f"skips-{cfg.run.name}"
+    # One counter per training call: a counter left by an earlier call in this process may be dying (it lives only
+    # while something references it), and a fresh name can't be handed such a one.
+    skip_counter = f"skips-{cfg.run.name}-{uuid.uuid4().hex[:8]}"
     clip_args = dict(num_frames=data.num_frames, sampling_rate=data.sampling_rate, target_fps=data.target_fps,
                      crop_size=data.crop_size, cpus_per_task=data.cpus_per_task,
                      concurrency=data.decode_concurrency, resources=dict(data.decode_resources),

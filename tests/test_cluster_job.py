@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,17 @@ def run(args: list[str], env: dict, timeout: int) -> subprocess.CompletedProcess
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
 
 
+def submit(args: list[str], env: dict, timeout: int) -> subprocess.CompletedProcess:
+    """`ray job submit`, retried while the head's job agent is still starting (it answers 500 for a while after
+    `ray start` returns, longer on a busy machine)."""
+    deadline = time.monotonic() + 120
+    while True:
+        submitted = run(args, env, timeout)
+        if "No available agent" not in submitted.stderr or time.monotonic() > deadline:
+            return submitted
+        time.sleep(5)
+
+
 def test_train_through_ray_job_submit(tmp_path):
     env = {**os.environ, "HOME": str(tmp_path), "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
@@ -37,7 +49,7 @@ def test_train_through_ray_job_submit(tmp_path):
     assert started.returncode == 0, started.stderr[-2000:]
     try:
         excludes = json.dumps({"excludes": [".venv/", "data/", "runs/", "mlflow.db", ".git/", "*.egg-info/"]})
-        submitted = run([RAY, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", ".",
+        submitted = submit([RAY, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", ".",
                          "--runtime-env-json", excludes, "--", sys.executable, "-m", "jobs.train",
                          f"data.demo.out={tmp_path / 'demo'}", "data.demo.videos_per_class=6",
                          f"run.storage_path={tmp_path / 'runs'}", "run.name=submitted",
