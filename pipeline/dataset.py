@@ -3,6 +3,8 @@
 Rows of the index (one per usable video) are shuffled, then `map_batches` tasks decode, sample and transform each
 video into uint8 clips. Every iteration re-executes the dataset, so each epoch gets a new order and new clip
 positions. A video that fails to decode is skipped, logged and counted (see `pipeline.skips`); the job goes on.
+A decode that kills its process is retried by Ray (Ray Data retries map tasks without limit, `max_retries=-1`);
+a video that kills it twice is skipped and counted the same way.
 Each task takes `videos_per_task` videos: more amortise Ray's per-task overhead, fewer stream sooner and hold less
 memory. Video files must be readable at the same absolute path on every node (a shared file system).
 """
@@ -21,7 +23,7 @@ import ray
 
 from pipeline.index import info_from_row, read_usable
 from pipeline.sampling import ClipSpec, SampledClip, random_clip, segment_frames, uniform_clips
-from pipeline.skips import DEFAULT_COUNTER, report, skip_counter
+from pipeline.skips import DEFAULT_COUNTER, CrashGuard, report, skip_counter
 from pipeline.transforms import ClipAugment, EvalTransform, TrainTransform
 from pipeline.video import VideoDecodeError, decode_frames
 
@@ -185,13 +187,19 @@ class _ClipMaker:
 
     def __call__(self, batch: pa.Table) -> Iterator[dict[str, np.ndarray]]:
         rng = np.random.default_rng()  # fresh entropy on every execution: new clip positions and crops each epoch
+        guard = CrashGuard(self.counter)
         skipped: list[tuple[str, str]] = []
         clamped = 0
         for row in batch.to_pylist():
             info = info_from_row(row)
+            crashed = guard.should_skip(info.path)
+            if crashed:
+                skipped.append((info.path, crashed))
+                continue
             first, count = segment_frames(info.num_frames, info.fps, row.get("start_sec"), row.get("end_sec"))
             clips = self.views.sample(count, info.fps, first, rng)
             indices = np.concatenate([clip.indices for clip in clips])  # one decode for all of a video's clips
+            guard.decoding(info.path)
             try:
                 frames = decode_frames(info.path, indices, info, threads=self.threads)
             except VideoDecodeError as error:
@@ -200,7 +208,7 @@ class _ClipMaker:
             clamped += sum(clip.clamped for clip in clips)
             views = self.views.views(np.split(frames, len(clips)), rng)
             yield self._rows(views, row)
-        report(self.counter, skipped, clamped)
+        report(self.counter, skipped, clamped, guard.task)
 
     def _rows(self, views: list[np.ndarray], row: dict[str, Any]) -> dict[str, np.ndarray]:
         columns = {"clip": np.stack(views), "label": np.full(len(views), row["label"], dtype=np.int64)}

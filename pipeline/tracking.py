@@ -154,5 +154,12 @@ class RunLogger:
         self._mlflow.end_run(status=status)
 
 
+def end_run(tracking_uri: str, run_id: str, status: str) -> None:
+    """Mark the run ended from outside it (the driver, after its workers failed); MLflow keeps it resumable."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri).set_terminated(run_id, status)
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)

@@ -124,7 +124,8 @@ class Trainer:
             saved = checkpointing.load_state(folder, map_location=self.device)
         _unwrap(self.model).load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
-        self.scaler.load_state_dict(saved["scaler"])
+        if saved["scaler"]:  # empty when saved without fp16: a run may switch precision when it resumes
+            self.scaler.load_state_dict(saved["scaler"])
         self.state = LoopState(**saved["loop"])
         self.best_model = saved.get("best_model")
         self.run_id = saved["mlflow_run_id"]
@@ -219,9 +220,11 @@ class Trainer:
             loss, applied = self._train_step(batch)
             bad_in_a_row = 0 if applied else bad_in_a_row + 1
             if bad_in_a_row > cfg["max_bad_steps"]:
+                step = self.state.step + 1  # numbered as MLflow numbers it
                 raise NonFiniteLossError(
-                    f"{bad_in_a_row} consecutive steps with a non-finite loss or gradient (last loss {loss}) at "
-                    f"step {self.state.step}; stopping. The last good checkpoint is intact.")
+                    f"stopped at step {step}: steps {step - bad_in_a_row + 1}-{step} all had a non-finite loss or "
+                    f"gradient (last loss {loss}; train.max_bad_steps={cfg['max_bad_steps']}). The last good "
+                    f"checkpoint is intact.")
             self.state.step += 1
             self.state.step_in_epoch += 1
             if applied:
@@ -231,7 +234,10 @@ class Trainer:
             if self.state.step % cfg["log_every_steps"] == 0:
                 self._log_window(window)
             every = cfg["checkpoint_every_steps"]
-            if every and self.state.step % every == 0 and self.state.step_in_epoch < steps_per_epoch:
+            due = every and self.state.step % every == 0 and self.state.step_in_epoch < steps_per_epoch
+            # None inside a streak of non-finite steps: should it stop the run, the checkpoints kept (and not rotated
+            # out by num_to_keep) are the ones from before it.
+            if due and not bad_in_a_row:
                 self._checkpoint({"epoch": self.state.epoch, "step": self.state.step})
         if window["steps"]:
             self._log_window(window)

@@ -15,13 +15,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 from omegaconf import DictConfig, OmegaConf
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, Result, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, Result, RunConfig, ScalingConfig, WorkerGroupError
 from ray.train.torch import TorchTrainer
 
 from pipeline import dataset, index, manifest, tracking
 from pipeline.config import to_container
 from pipeline.demo import DemoDataset, make_demo_dataset
-from pipeline.train_loop import train_loop_per_worker
+from pipeline.train_loop import NonFiniteLossError, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -189,9 +189,24 @@ def run_training(cfg: DictConfig, base: Optional[Path] = None) -> TrainingOutcom
     run_key = f"{cfg.run.storage_path}/{cfg.run.name}"
     run_id = tracking.get_or_create_run(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, run_key, cfg.run.name)
     print(f"MLflow run {run_id} in experiment '{cfg.mlflow.experiment}' at {tracking.redact(cfg.mlflow.tracking_uri)}")
-    result = build_trainer(cfg, plan, run_id).fit()
+    try:
+        result = fit(build_trainer(cfg, plan, run_id))
+    except Exception:
+        tracking.end_run(cfg.mlflow.tracking_uri, run_id, "FAILED")  # a rerun reopens it
+        raise
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float)) and math.isfinite(v)}
     return TrainingOutcome(run_id, cfg.mlflow.tracking_uri, result, metrics)
+
+
+def fit(trainer: TorchTrainer) -> Result:
+    """Run `trainer`; a run stopped by non-finite losses raises that one-line error, not Ray's traceback report."""
+    try:
+        return trainer.fit()
+    except WorkerGroupError as error:
+        stopped = [failure for failure in error.worker_failures.values() if isinstance(failure, NonFiniteLossError)]
+        if stopped:
+            raise NonFiniteLossError(str(stopped[0])) from None
+        raise
 
 
 def ensure_ray(cfg: DictConfig) -> None:

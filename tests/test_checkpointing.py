@@ -5,6 +5,8 @@ import torch
 
 from pipeline.checkpointing import STATE_FILE, CheckpointError, load_state, save_state
 
+pytestmark = pytest.mark.faults  # torn and foreign checkpoints: part of the fault suite (`pytest -m faults`)
+
 
 def test_round_trip(tmp_path):
     save_state(tmp_path, {"model": {"w": torch.arange(3.0)}, "loop": {"epoch": 2}, "mlflow_run_id": "abc"})

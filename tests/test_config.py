@@ -29,6 +29,7 @@ def test_paper_recipe_merges_over_defaults():
     assert cfg.train.epochs == 3
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize(
     "override, named",
     [
@@ -47,6 +48,7 @@ def test_bad_override_names_the_key(override, named):
     assert named in message and "\n" not in message
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("override", ["train.epochz=3", "train.batch_size=many"])
 def test_train_job_rejects_bad_keys_with_exit_2(override):
     done = subprocess.run([sys.executable, "-m", "jobs.train", override], capture_output=True, text=True,

@@ -50,6 +50,7 @@ def _counter_name() -> str:
     return f"test-skips-{uuid.uuid4().hex}"
 
 
+@pytest.mark.faults
 def test_train_clips_are_uint8_rows_per_clip_and_failures_are_skipped_and_counted_each_epoch(
     ray_session, videos: dict[str, Path]
 ) -> None:

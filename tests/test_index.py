@@ -36,6 +36,7 @@ def mixed_manifest(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list
     return folder / "manifest.csv", good, bad
 
 
+@pytest.mark.faults
 def test_build_index_keeps_order_and_reports_each_unusable_video(ray_session, mixed_manifest, tmp_path: Path) -> None:
     manifest, good, bad = mixed_manifest
     summary = build_index(manifest, tmp_path / "index.parquet", videos_per_task=2)
@@ -65,6 +66,7 @@ def test_an_index_row_gives_back_the_probe(tmp_path: Path, spec) -> None:
     assert info_from_row(row) == info
 
 
+@pytest.mark.faults
 def test_the_cli_indexes_and_lists_what_it_left_out(ray_session, mixed_manifest, tmp_path: Path, capsys) -> None:
     manifest, _, bad = mixed_manifest
     assert main(["index", "--manifest", str(manifest), "--out", str(tmp_path / "index.parquet")]) == 0
@@ -73,6 +75,7 @@ def test_the_cli_indexes_and_lists_what_it_left_out(ray_session, mixed_manifest,
     assert out.count("  left out ") == len(bad)
 
 
+@pytest.mark.faults
 def test_the_cli_refuses_a_path_outside_the_root_in_one_line(tmp_path: Path, capsys) -> None:
     (tmp_path / "manifest.csv").write_text("path,label\nvideos/a.mp4,0\n/etc/hosts,0\n")
     assert main(["index", "--manifest", str(tmp_path / "manifest.csv"), "--out", str(tmp_path / "i.parquet")]) == 2

@@ -42,6 +42,7 @@ def test_round_trip_resolves_relative_paths_against_the_manifest_folder(tmp_path
     assert read.column("end_sec").to_pylist() == [2.0, None]
 
 
+@pytest.mark.faults
 def test_a_configured_root_and_label_names(tmp_path: Path) -> None:
     manifest = _write(tmp_path / "lists/val.csv", "path,label\nx/v.mp4,dog\n/data/abs.mp4,cat\n")
     write_label_map(["cat", "dog"], label_map_path(manifest))
@@ -53,6 +54,7 @@ def test_a_configured_root_and_label_names(tmp_path: Path) -> None:
     assert read.column_names == ["path", "label"]
 
 
+@pytest.mark.faults
 def test_a_path_that_climbs_out_of_the_root_is_refused(tmp_path: Path) -> None:
     manifest = _write(tmp_path / "m.csv", "path,label\nok.mp4,0\n../../etc/passwd,0\n")
     with pytest.raises(ManifestError, match=r"row 2 path '\.\./\.\./etc/passwd' is outside the root"):
@@ -60,6 +62,7 @@ def test_a_path_that_climbs_out_of_the_root_is_refused(tmp_path: Path) -> None:
     assert len(read_manifest(manifest, allow_outside_root=True)) == 2
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -82,6 +85,7 @@ def test_bad_manifests_give_one_line_errors(tmp_path: Path, text: str, message: 
     assert "\n" not in str(raised.value) and str(manifest) in str(raised.value)
 
 
+@pytest.mark.faults
 def test_names_need_a_label_map_and_the_file_must_exist(tmp_path: Path) -> None:
     with pytest.raises(ManifestError, match="there is no"):
         read_manifest(_write(tmp_path / "m.csv", "path,label\nv.mp4,cat\n"))
