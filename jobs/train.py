@@ -10,11 +10,16 @@ from jobs.cli import parse_config, print_config
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = parse_config("jobs.train", __doc__, argv)
+    from pipeline.train_loop import NonFiniteLossError
     from pipeline.trainer import ensure_ray, run_training  # after the config check: a bad key exits at once
 
     print_config(cfg)
     ensure_ray(cfg)
-    outcome = run_training(cfg)
+    try:
+        outcome = run_training(cfg)
+    except (ValueError, NonFiniteLossError) as error:  # bad data or settings (manifests raise ValueErrors), or a
+        print(f"jobs.train: error: {error}", file=sys.stderr)  # run stopped by non-finite losses: one line each
+        return 1
     shown = {k: round(v, 4) for k, v in outcome.metrics.items() if k.startswith("val/") or k == "epoch"}
     print(f"final metrics: {shown}")
     print(f"MLflow run id: {outcome.run_id}")

@@ -108,6 +108,8 @@ def plan_data(cfg: DictConfig) -> DataPlan:
         source = getattr(cfg.data, split)
         if not source:
             raise ValueError(f"data.{split} is not set (a manifest or an index)")
+        if not Path(source).is_file():
+            raise ValueError(f"data.{split} {source}: no such file")
         usable, unusable = index.read_usable(ensure_index(
             source, index_dir / f"{split}.parquet", cfg.data.root or None, cfg.data.allow_outside_root,
             cfg.data.cpus_per_task, cfg.data.decode_concurrency))
@@ -185,6 +187,8 @@ def run_training(cfg: DictConfig, base: Optional[Path] = None) -> TrainingOutcom
     """Train as configured; re-running with the same `run.name` and `run.storage_path` resumes."""
     cfg = resolve_paths(cfg, base or Path.cwd())
     use_demo_if_unset(cfg)
+    if cfg.model.pretrained and not Path(cfg.model.pretrained).is_file():
+        raise ValueError(f"model.pretrained {cfg.model.pretrained}: no such file")  # here, not in every worker
     plan = plan_data(cfg)
     run_key = f"{cfg.run.storage_path}/{cfg.run.name}"
     run_id = tracking.get_or_create_run(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, run_key, cfg.run.name)

@@ -1,0 +1,51 @@
+"""`python -m jobs.train` meets bad data and settings with one line that names the thing, and exit code 1."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from jobs import train
+from tests.videos import VideoSpec, write_indexed_video
+
+pytestmark = pytest.mark.faults
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("inputs")
+    write_indexed_video(root / "v.mp4", VideoSpec(num_frames=20))
+    (root / "labels.txt").write_text("cat\ndog\n")
+    manifests = {
+        "good.csv": "path,label\nv.mp4,cat\n",
+        "empty.csv": "path,label\n",
+        "columns.csv": "file,class\nv.mp4,cat\n",
+        "unknown_label.csv": "path,label\nv.mp4,cow\n",
+        "outside.csv": "path,label\nv.mp4,cat\n../../etc/hosts,dog\n",
+    }
+    for name, text in manifests.items():
+        (root / name).write_text(text)
+    return root
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("data.train={root}/empty.csv", "empty.csv: the manifest is empty"),
+        ("data.train={root}/columns.csv", "columns.csv: wrong columns ['file', 'class']"),
+        ("data.train={root}/unknown_label.csv", "unknown_label.csv: row 1 has unknown label 'cow'"),
+        ("data.train={root}/outside.csv", "outside.csv: row 2 path '../../etc/hosts' is outside the root"),
+        ("data.train={root}/missing.csv", "data.train {root}/missing.csv: no such file"),
+        ("model.pretrained={root}/missing.pt", "model.pretrained {root}/missing.pt: no such file"),
+    ],
+)
+def test_bad_data_or_settings_stop_training_in_one_line(ray_session, folder: Path, capsys, override: str,
+                                                        named: str) -> None:
+    code = train.main([f"data.train={folder}/good.csv", f"data.val={folder}/good.csv",
+                       f"data.labels={folder}/labels.txt", f"run.storage_path={folder}/runs",
+                       f"mlflow.tracking_uri=sqlite:///{folder}/mlflow.db", override.format(root=folder)])
+    error = capsys.readouterr().err.strip()
+    assert code == 1
+    assert error.startswith("jobs.train: error: ") and "\n" not in error, error
+    assert named.format(root=folder) in error
