@@ -23,7 +23,7 @@ import ray
 
 from pipeline.index import info_from_row, read_usable
 from pipeline.sampling import ClipSpec, SampledClip, random_clip, segment_frames, uniform_clips
-from pipeline.skips import DEFAULT_COUNTER, CrashGuard, report, skip_counter
+from pipeline.skips import DEFAULT_COUNTER, CrashGuard, skip_counter
 from pipeline.transforms import ClipAugment, EvalTransform, TrainTransform
 from pipeline.video import VideoDecodeError, decode_frames
 
@@ -208,7 +208,7 @@ class _ClipMaker:
             clamped += sum(clip.clamped for clip in clips)
             views = self.views.views(np.split(frames, len(clips)), rng)
             yield self._rows(views, row)
-        report(self.counter, skipped, clamped, guard.task)
+        guard.finish(skipped, clamped)
 
     def _rows(self, views: list[np.ndarray], row: dict[str, Any]) -> dict[str, np.ndarray]:
         columns = {"clip": np.stack(views), "label": np.full(len(views), row["label"], dtype=np.int64)}

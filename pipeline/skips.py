@@ -66,8 +66,8 @@ class SkipCounter:
         """Task id -> (video, pid of the process decoding it), for every decode under way."""
         return dict(self._decoding)
 
-    def report(self, skipped: list[tuple[str, str]], clamped: int, task: Optional[str] = None) -> None:
-        """A task attempt ends (or only reports): its counts land, and its in-progress marker is cleared."""
+    def report(self, task: str, skipped: list[tuple[str, str]], clamped: int) -> None:
+        """A task attempt ends: its counts land, and its in-progress marker is cleared."""
         self._decoding.pop(task, None)
         for path, reason in skipped:
             self._reasons[path] = reason
@@ -92,17 +92,9 @@ def skip_counter(name: str = DEFAULT_COUNTER) -> ray.actor.ActorHandle:
     return SkipCounter.options(name=name, namespace=NAMESPACE, get_if_exists=True).remote()
 
 
-def report(counter: ray.actor.ActorHandle, skipped: list[tuple[str, str]], clamped: int,
-           task: Optional[str] = None) -> None:
-    """Log each skipped video on one line and add everything to the counter, waiting until it is counted."""
-    for path, reason in skipped:
-        logger.warning("skipped video %s: %s", path, reason)
-    if skipped or clamped or task:
-        ray.get(counter.report.remote(skipped, clamped, task))
-
-
 class CrashGuard:
-    """One attempt of a decode task, as the counter sees it: which videos to skip, and which one is in progress."""
+    """One attempt of a decode task, as the counter sees it: which videos to skip, which one is in progress, and
+    what the attempt skipped and clamped."""
 
     def __init__(self, counter: ray.actor.ActorHandle) -> None:
         self.counter = counter
@@ -117,3 +109,9 @@ class CrashGuard:
     def decoding(self, path: str) -> None:
         """Record, before decoding `path`, that it is in progress (waits: a crash may follow at once)."""
         ray.get(self.counter.decoding.remote(self.task, path, os.getpid()))
+
+    def finish(self, skipped: list[tuple[str, str]], clamped: int) -> None:
+        """Log each skipped video on one line and add everything to the counter, waiting until it is counted."""
+        for path, reason in skipped:
+            logger.warning("skipped video %s: %s", path, reason)
+        ray.get(self.counter.report.remote(self.task, skipped, clamped))
