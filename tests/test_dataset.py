@@ -7,17 +7,16 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import ray
 
 from pipeline import dataset
-from pipeline.index import info_to_row
 from pipeline.sampling import ClipSpec, uniform_clips
 from pipeline.skips import SkipSnapshot, skip_counter
 from pipeline.transforms import EvalTransform
 from pipeline.video import decode_frames, probe
-from tests.videos import H264_BFRAMES_LONG_GOP, MPEG4_AVI, VP9_WEBM, corrupt_keyframes, write_indexed_video
+from tests.videos import (H264_BFRAMES_LONG_GOP, MPEG4_AVI, VP9_WEBM, corrupt_keyframes, index_of,
+                          write_indexed_video)
 
 CLIP = {"num_frames": 8, "sampling_rate": 4, "crop_size": 32}  # 29 frames at 30 fps
 
@@ -37,15 +36,6 @@ def videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-def _index(videos: dict[str, Path], names: list[str]) -> pa.Table:
-    """An index built without Ray: label = position in `names`."""
-    rows = [
-        {"path": str(videos[name]), "label": label, **info_to_row(probe(videos[name], check_last_frame=True))}
-        for label, name in enumerate(names)
-    ]
-    return pa.Table.from_pylist(rows)
-
-
 def _counter_name() -> str:
     return f"test-skips-{uuid.uuid4().hex}"
 
@@ -55,7 +45,7 @@ def test_train_clips_are_uint8_rows_per_clip_and_failures_are_skipped_and_counte
     ray_session, videos: dict[str, Path]
 ) -> None:
     names = ["long_gop", "webm", "avi", "short", "broken_early", "vanishing"]
-    index = _index(videos, names)
+    index = index_of([videos[name] for name in names])
     videos["vanishing"].unlink()  # gone after indexing: found only when decoding
     counter = _counter_name()
     clips = dataset.train_dataset(index, **CLIP, short_side=(32, 40), num_clips=2, skip_counter_name=counter)
@@ -79,7 +69,7 @@ def test_train_clips_are_uint8_rows_per_clip_and_failures_are_skipped_and_counte
 
 
 def test_each_epoch_is_shuffled_anew(ray_session, videos: dict[str, Path]) -> None:
-    index = _index(videos, ["webm"] * 12)
+    index = index_of([videos[name] for name in ["webm"] * 12])
     clips = dataset.train_dataset(
         index, **CLIP, short_side=(32, 32), concurrency=1, skip_counter_name=_counter_name()
     )
@@ -89,7 +79,7 @@ def test_each_epoch_is_shuffled_anew(ray_session, videos: dict[str, Path]) -> No
 
 
 def test_val_views_are_the_centre_clip_resized_and_centre_cropped_exactly(ray_session, videos: dict[str, Path]) -> None:
-    index = _index(videos, ["long_gop", "avi"])
+    index = index_of([videos[name] for name in ["long_gop", "avi"]])
     rows = dataset.val_dataset(index, **CLIP, short_side=40, skip_counter_name=_counter_name()).take_all()
     assert sorted(row["label"] for row in rows) == [0, 1]
     for row in rows:
@@ -101,7 +91,7 @@ def test_val_views_are_the_centre_clip_resized_and_centre_cropped_exactly(ray_se
 
 
 def test_test_views_are_k_clips_times_s_crops_per_video(ray_session, videos: dict[str, Path]) -> None:
-    index = _index(videos, ["long_gop", "webm"])
+    index = index_of([videos[name] for name in ["long_gop", "webm"]])
     views = dataset.test_dataset(
         index, **CLIP, short_side=32, num_temporal_clips=2, num_spatial_crops=3, skip_counter_name=_counter_name()
     ).take_all()

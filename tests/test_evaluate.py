@@ -4,7 +4,6 @@ and bad videos named and left out of the totals."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,14 +17,13 @@ import mvit
 from jobs import evaluate, predict
 from pipeline import dataset
 from pipeline.checkpointing import save_state
-from pipeline.demo import MOTIONS, make_demo_dataset
+from pipeline.demo import make_demo_dataset
 from pipeline.evaluation_logging import EVALUATES_TAG
-from pipeline.index import info_to_row
 from pipeline.manifest import read_label_map, read_manifest, write_manifest
 from pipeline.sampling import ClipSpec, uniform_clips
 from pipeline.transforms import EvalTransform
 from pipeline.video import decode_frames, probe
-from tests.videos import H264_BFRAMES_LONG_GOP, sequential_frames, write_indexed_video
+from tests.videos import H264_BFRAMES_LONG_GOP, index_of, sequential_frames, write_indexed_video
 
 DATA = {"num_frames": 8, "sampling_rate": 2, "target_fps": 30.0, "crop_size": 64, "test_short_side": 64,
         "mean": [0.45, 0.45, 0.45], "std": [0.225, 0.225, 0.225]}
@@ -103,7 +101,7 @@ def test_evaluate_matches_an_independent_per_video_loop(ray_session, tmp_path, d
 @pytest.mark.parametrize("clips, crops", [(5, 1), (10, 3)])
 def test_views_are_the_samplers_clips_and_crops(ray_session, tmp_path, clips, crops):
     path = write_indexed_video(tmp_path / "indexed.mp4", H264_BFRAMES_LONG_GOP)
-    index = pa.Table.from_pylist([{"path": str(path), "label": 0, **info_to_row(probe(path, check_last_frame=True))}])
+    index = index_of([path])
     rows = dataset.test_dataset(index, num_frames=8, sampling_rate=4, crop_size=32, short_side=32,
                                 num_temporal_clips=clips, num_spatial_crops=crops,
                                 skip_counter_name=f"views-{clips}x{crops}").take_all()

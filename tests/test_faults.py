@@ -28,7 +28,6 @@ from pathlib import Path
 import av
 import numpy as np
 import psutil
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -41,13 +40,11 @@ from pipeline import dataset, index, tracking
 from pipeline.checkpointing import STATE_FILE, CheckpointError, load_state, save_state
 from pipeline.config import load_config
 from pipeline.demo import make_demo_dataset
-from pipeline.index import info_to_row
 from pipeline.skips import DEATHS_BEFORE_SKIP, skip_counter
 from pipeline.train_loop import NonFiniteLossError, Trainer
 from pipeline.trainer import build_trainer, plan_data, resolve_paths, run_training
-from pipeline.video import probe
 from tests.conftest import REPO_ROOT
-from tests.videos import VideoSpec, write_indexed_video
+from tests.videos import VideoSpec, index_of, write_indexed_video
 
 pytestmark = pytest.mark.faults
 
@@ -70,12 +67,6 @@ def write_noise_video(path: Path, num_frames: int = 240, size: tuple[int, int] =
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
     return path
-
-
-def index_of(paths: list[Path]) -> pa.Table:
-    """An index built without Ray: label = position in `paths`."""
-    return pa.Table.from_pylist([{"path": str(path), "label": label, **info_to_row(probe(path))}
-                                 for label, path in enumerate(paths)])
 
 
 class DecoderKiller(threading.Thread):

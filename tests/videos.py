@@ -12,6 +12,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+import pyarrow as pa
 
 INDEX_BITS = 10
 STRIPE_WIDTH = 6
@@ -170,3 +171,12 @@ def corrupt_keyframes(source: Path, target: Path, which: list[int]) -> Path:
         data[position : position + size] = b"\x5a" * size
     target.write_bytes(bytes(data))
     return target
+
+
+def index_of(paths: list[Path]) -> pa.Table:
+    """An index of `paths` built without Ray, probed as `pipeline.index` probes: label = position in `paths`."""
+    from pipeline.index import info_to_row
+    from pipeline.video import probe
+
+    return pa.Table.from_pylist([{"path": str(path), "label": label, **info_to_row(probe(path, check_last_frame=True))}
+                                 for label, path in enumerate(paths)])
