@@ -229,14 +229,21 @@ def processes_of(ray_tmp: Path) -> list[psutil.Process]:
     return found
 
 
-def leftovers_after(ray_tmp: Path, grace: float = 30) -> int:
-    """How many processes of that Ray outlive `grace` seconds; they are killed, so later tests are not starved."""
+def leftovers_after(ray_tmp: Path, grace: float = 30) -> list[str]:
+    """The processes of that Ray that outlive `grace` seconds, as "command (pid, age)"; they are killed, so later
+    tests are not starved."""
     deadline = time.monotonic() + grace
     while (alive := processes_of(ray_tmp)) and time.monotonic() < deadline:
         time.sleep(0.5)
+    named = []
     for process in alive:
-        process.kill()
-    return len(alive)
+        try:
+            command = " ".join(process.cmdline())[:120]
+            named.append(f"{command} (pid {process.pid}, started {time.time() - process.create_time():.0f} s ago)")
+            process.kill()
+        except psutil.NoSuchProcess:
+            continue
+    return named
 
 
 def step_faults(client: MlflowClient, run_id: str, key: str, last_step: int) -> tuple[int, int]:
@@ -254,7 +261,7 @@ class DriverScenario:
     workers_restarted: int  # of the worker group that lost one process
     recovered_to_step: int  # the checkpoint that proved training went on after the dead worker
     resumed_from_step: int  # the last checkpoint when the driver died
-    leftover_processes: int  # of the dead driver's Ray, 30 s after its death
+    leftover_processes: list[str]  # of the dead driver's Ray, 30 s after its death
     first_run_id: str
     rerun: subprocess.CompletedProcess
 
@@ -342,7 +349,7 @@ def test_unusable_videos_are_left_out_of_a_run_and_listed(driver_scenario, demo)
 
 def test_a_dead_driver_resumes_when_the_same_command_runs_again(driver_scenario):
     scenario = driver_scenario
-    assert scenario.leftover_processes == 0, "the dead driver's Ray outlived it"
+    assert scenario.leftover_processes == [], f"the dead driver's Ray outlived it: {scenario.leftover_processes}"
     assert scenario.rerun.returncode == 0, scenario.rerun.stdout[-4000:]
     assert f"MLflow run {scenario.first_run_id} in experiment" in scenario.rerun.stdout
     assert f"MLflow run id: {scenario.first_run_id}" in scenario.rerun.stdout
@@ -352,7 +359,7 @@ def test_a_dead_driver_resumes_when_the_same_command_runs_again(driver_scenario)
     lost, duplicated = step_faults(client, scenario.first_run_id, "train/loss", EPOCHS * STEPS_PER_EPOCH)
     assert (lost, duplicated) == (0, 0)
     summary("driver-kill", injected=1, runs_completed=1, same_mlflow_run=1, steps_lost=lost,
-            steps_duplicated=duplicated, leftover_ray_processes=scenario.leftover_processes,
+            steps_duplicated=duplicated, leftover_ray_processes=len(scenario.leftover_processes),
             resumed_from_step=scenario.resumed_from_step)
 
 
