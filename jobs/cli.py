@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import ConfigError, load_config
 
 
-def config_or_exit(prog: str, config_file: Optional[str], overrides: Sequence[str], evaluation: bool = False) -> DictConfig:
+def config_or_exit(
+    prog: str, config_file: str | None, overrides: Sequence[str], evaluation: bool = False
+) -> DictConfig:
     try:
         return load_config(config_file, overrides, evaluation=evaluation)
     except ConfigError as error:
@@ -19,8 +21,9 @@ def config_or_exit(prog: str, config_file: Optional[str], overrides: Sequence[st
         raise SystemExit(2) from None
 
 
-def parse_config(prog: str, description: str, argv: Optional[Sequence[str]] = None,
-                 evaluation: bool = False) -> DictConfig:
+def parse_config(
+    prog: str, description: str, argv: Sequence[str] | None = None, evaluation: bool = False
+) -> DictConfig:
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", help="a recipe YAML merged over the defaults in conf/")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotlist overrides, e.g. train.epochs=5")

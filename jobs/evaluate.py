@@ -7,13 +7,13 @@ Prints top-1, top-5 and mean per-class accuracy over the videos that decoded, na
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from jobs.cli import overridden_keys, parse_config
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = parse_config("jobs.evaluate", __doc__, argv, evaluation=True)
     from pipeline.evaluation import run_evaluation  # after the config check: a bad key exits at once

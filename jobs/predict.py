@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from jobs.cli import config_or_exit, overridden_keys
 
@@ -35,7 +36,7 @@ def _table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jobs.predict", description=__doc__)
     parser.add_argument("--config", help="a recipe YAML merged over the defaults in conf/")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
@@ -75,9 +76,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         top = [(loaded.labels[c], round(float(p), 6)) for p, c in zip(probabilities.tolist(), classes.tolist())]
         results.append({"video": video, "top": top})
     if args.json:
-        print(json.dumps({"model": loaded.description, "results": [
-            {**r, "top": [{"label": label, "probability": p} for label, p in r.get("top", [])]} for r in results
-        ]}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "model": loaded.description,
+                    "results": [
+                        {**r, "top": [{"label": label, "probability": p} for label, p in r.get("top", [])]}
+                        for r in results
+                    ],
+                },
+                indent=2,
+            )
+        )
     else:
         print(_table(results))
     return 1 if any("error" in r for r in results) else 0

@@ -115,8 +115,7 @@ def _index(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
     )
     print(
-        f"indexed {summary.total} videos into {summary.path}: "
-        f"{summary.usable} usable, {len(summary.unusable)} left out"
+        f"indexed {summary.total} videos into {summary.path}: {summary.usable} usable, {len(summary.unusable)} left out"
     )
     for path, reason in summary.unusable:
         print(f"  left out {path}: {reason}")

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from jobs.cli import parse_config, print_config
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_config("jobs.train", __doc__, argv)
     from pipeline.train_loop import NonFiniteLossError
     from pipeline.trainer import ensure_ray, run_training  # after the config check: a bad key exits at once

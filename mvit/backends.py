@@ -75,7 +75,12 @@ def attention_shapes(model: MViT, input_shape: Sequence[int]) -> list[AttentionS
         q_length, kv_length = 1 + math.prod(q_grid), 1 + math.prod(kv_grid)
         shapes.append(
             AttentionShape(
-                batch, heads, q_length, kv_length, block.dim_in // heads, block.pool_q.is_identity,
+                batch,
+                heads,
+                q_length,
+                kv_length,
+                block.dim_in // heads,
+                block.pool_q.is_identity,
                 block.pool_k.is_identity,
             )
         )

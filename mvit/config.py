@@ -105,8 +105,9 @@ def _check_pool(pool: PoolConfig, mode: str, index: int, name: str) -> None:
         _check_triple(pool.padding, index, f"{name}.padding", 0)
     if mode in ("avg", "max") and any(p > k // 2 for p, k in zip(pool.resolved_padding, pool.kernel)):
         raise _block_error(
-            index, f"{name}.padding", f"{mode} pooling needs padding <= kernel // 2, got {pool.resolved_padding} "
-            f"for kernel {pool.kernel}"
+            index,
+            f"{name}.padding",
+            f"{mode} pooling needs padding <= kernel // 2, got {pool.resolved_padding} for kernel {pool.kernel}",
         )
 
 
@@ -125,8 +126,10 @@ def _check_block(block: BlockConfig, index: int, previous_dim: int | None) -> No
         _check_pool(getattr(block, name), block.pool_mode, index, name)
     if block.pool_k.stride != block.pool_v.stride:
         raise _block_error(
-            index, "pool_v.stride", f"{block.pool_v.stride} != pool_k.stride {block.pool_k.stride}; keys and values "
-            "must be pooled with the same stride (s_K = s_V)"
+            index,
+            "pool_v.stride",
+            f"{block.pool_v.stride} != pool_k.stride {block.pool_k.stride}; keys and values "
+            "must be pooled with the same stride (s_K = s_V)",
         )
 
 
@@ -135,14 +138,17 @@ def _pool_grid(pool: PoolConfig, mode: str, grid: Grid, index: int, name: str, w
         return grid
     if mode == "avg" and any(size < k for size, k in zip(grid, pool.kernel)):
         raise _block_error(
-            index, f"{name}.kernel", f"avg pooling needs a grid at least as large as the kernel {pool.kernel}, "
-            f"got {grid}{where}"
+            index,
+            f"{name}.kernel",
+            f"avg pooling needs a grid at least as large as the kernel {pool.kernel}, got {grid}{where}",
         )
     out = pooled_grid(grid, pool.kernel, pool.stride, pool.resolved_padding)
     if any(size < 1 for size in out):
         raise _block_error(
-            index, f"{name}.kernel", f"kernel {pool.kernel} with padding {pool.resolved_padding} and stride "
-            f"{pool.stride} empties the grid {grid} -> {out}{where}"
+            index,
+            f"{name}.kernel",
+            f"kernel {pool.kernel} with padding {pool.resolved_padding} and stride "
+            f"{pool.stride} empties the grid {grid} -> {out}{where}",
         )
     return out
 
@@ -166,8 +172,10 @@ def block_grids(blocks: Sequence[BlockConfig], token_grid: Grid, where: str = ""
         skip_grid = grid if skip is None else pooled_grid(grid, skip.kernel, skip.stride, skip.resolved_padding)
         if skip_grid != q_grid:
             raise _block_error(
-                index, "pool_q.kernel", f"queries pool to {q_grid} but the residual path (max pool, kernel s + 1) "
-                f"to {skip_grid} on grid {grid}{where}; use an odd kernel with padding k // 2"
+                index,
+                "pool_q.kernel",
+                f"queries pool to {q_grid} but the residual path (max pool, kernel s + 1) "
+                f"to {skip_grid} on grid {grid}{where}; use an odd kernel with padding k // 2",
             )
         grid = q_grid
         grids.append(grid)

@@ -7,9 +7,10 @@ schema, which is how a misspelt key or a value of the wrong type is caught befor
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -30,7 +31,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     name: str = MISSING
     num_classes: int = MISSING  # 0: take it from the label map
-    pretrained: Optional[str] = None
+    pretrained: str | None = None
     pretrained_source: str = MISSING
     drop_path_rate: float = MISSING
     head_dropout: float = MISSING
@@ -113,8 +114,8 @@ class ScalingConfig:
     num_workers: int = MISSING
     use_gpu: bool = MISSING
     cpus_per_worker: float = MISSING
-    num_cpus: Optional[int] = None  # logical CPUs of a local Ray started by the job; None: the machine's
-    address: Optional[str] = None  # a running cluster to join; None: start a local one
+    num_cpus: int | None = None  # logical CPUs of a local Ray started by the job; None: the machine's
+    address: str | None = None  # a running cluster to join; None: start a local one
     max_failures: int = MISSING
 
 
@@ -130,7 +131,7 @@ class MlflowConfig:
     tracking_uri: str = MISSING
     experiment: str = MISSING
     log_models: bool = MISSING
-    registered_model_name: Optional[str] = None
+    registered_model_name: str | None = None
     system_metrics: bool = MISSING
 
 
@@ -158,7 +159,7 @@ class EvaluationJobConfig:
 
     model: str = MISSING  # checkpoint folder, .pt file, runs:/ or models:/ URI, or a foreign checkpoint; "": latest
     model_source: str = MISSING  # auto | torchvision | pyslowfast | pytorchvideo
-    model_name: Optional[str] = None  # the preset, for checkpoints that don't name it
+    model_name: str | None = None  # the preset, for checkpoints that don't name it
     labels: str = MISSING  # label map; "": the model's own
     top_k: int = MISSING
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
@@ -178,8 +179,9 @@ def _one_line(error: OmegaConfBaseException) -> str:
     return f"config key '{key}': {reason}" if key else f"config: {reason}"
 
 
-def load_config(config_file: Optional[str | Path] = None, overrides: Sequence[str] = (),
-                evaluation: bool = False) -> DictConfig:
+def load_config(
+    config_file: str | Path | None = None, overrides: Sequence[str] = (), evaluation: bool = False
+) -> DictConfig:
     """Merge the schema, `conf/default.yaml`, an optional recipe file and `key=value` overrides, then validate.
 
     With `evaluation`, the schema is `EvaluationJobConfig`: the shared sections come from the training files and
@@ -187,8 +189,11 @@ def load_config(config_file: Optional[str | Path] = None, overrides: Sequence[st
     """
     if evaluation:
         defaults = OmegaConf.load(DEFAULT_CONFIG)
-        layers = [OmegaConf.structured(EvaluationJobConfig),
-                  OmegaConf.create({key: defaults[key] for key in SHARED_SECTIONS}), OmegaConf.load(EVALUATE_CONFIG)]
+        layers = [
+            OmegaConf.structured(EvaluationJobConfig),
+            OmegaConf.create({key: defaults[key] for key in SHARED_SECTIONS}),
+            OmegaConf.load(EVALUATE_CONFIG),
+        ]
     else:
         layers = [OmegaConf.structured(TrainingJobConfig), OmegaConf.load(DEFAULT_CONFIG)]
     if config_file is not None:
@@ -216,17 +221,27 @@ def _check_choices(cfg: DictConfig, evaluation: bool) -> None:
     """Values that the schema types can't express: choices and ranges."""
     choices = {"data.augment.crop": (cfg.data.augment.crop, CROP_MODES)}
     if evaluation:
-        choices["model_source"] = (cfg.model_source, ("auto",) + PRETRAINED_SOURCES)
+        choices["model_source"] = (cfg.model_source, ("auto", *PRETRAINED_SOURCES))
     else:
         choices["train.precision"] = (cfg.train.precision, PRECISIONS)
         choices["model.pretrained_source"] = (cfg.model.pretrained_source, PRETRAINED_SOURCES)
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"config key '{key}': '{value}' is not one of {', '.join(allowed)}")
-    positive = ["data.num_frames", "data.sampling_rate", "data.crop_size", "data.num_clips", "scaling.num_workers",
-                "data.test_clips", "data.test_crops"]
-    positive += ["evaluate.batch_size", "evaluate.replicas", "top_k"] if evaluation else [
-        "train.epochs", "train.batch_size", "train.lr"]
+    positive = [
+        "data.num_frames",
+        "data.sampling_rate",
+        "data.crop_size",
+        "data.num_clips",
+        "scaling.num_workers",
+        "data.test_clips",
+        "data.test_crops",
+    ]
+    positive += (
+        ["evaluate.batch_size", "evaluate.replicas", "top_k"]
+        if evaluation
+        else ["train.epochs", "train.batch_size", "train.lr"]
+    )
     for key in positive:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"config key '{key}': must be > 0, got {OmegaConf.select(cfg, key)}")

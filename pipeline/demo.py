@@ -148,5 +148,3 @@ def _encode(path: Path, frames: np.ndarray, fps: int) -> None:
             frame.pts = number
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
-
-

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import tempfile
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -58,7 +59,9 @@ class EvaluationResult:
     videos: int
 
 
-def average_views(batches: Iterable[dict[str, np.ndarray]], num_classes: int) -> tuple[list[int], np.ndarray, np.ndarray]:
+def average_views(
+    batches: Iterable[dict[str, np.ndarray]], num_classes: int
+) -> tuple[list[int], np.ndarray, np.ndarray]:
     """Mean softmax over each video's views: (video ids, labels, scores (videos, classes)), ordered by video id."""
     sums: dict[int, np.ndarray] = {}
     views: dict[int, int] = {}
@@ -79,23 +82,41 @@ def summarise(paths: list[str], labels: np.ndarray, scores: np.ndarray, num_clas
     top5 = np.argsort(-scores, axis=1)[:, : min(5, num_classes)]
     predictions = top5[:, 0] if len(paths) else np.zeros(0, dtype=np.int64)
     mean_acc, per_class = mean_class_accuracy(predictions, labels, num_classes)
-    table = pa.table({
-        "path": paths,
-        "label": labels,
-        "prediction": predictions,
-        "top5": [list(map(int, row)) for row in top5],
-        "score": scores[np.arange(len(paths)), predictions] if len(paths) else np.zeros(0),
-        "scores": [row.tolist() for row in scores],
-    })
+    table = pa.table(
+        {
+            "path": paths,
+            "label": labels,
+            "prediction": predictions,
+            "top5": [list(map(int, row)) for row in top5],
+            "score": scores[np.arange(len(paths)), predictions] if len(paths) else np.zeros(0),
+            "scores": [row.tolist() for row in scores],
+        }
+    )
     count = max(len(paths), 1)
-    return EvaluationResult(table, float((predictions == labels).sum() / count),
-                            float((top5 == labels[:, None]).any(axis=1).sum() / count), mean_acc, per_class,
-                            confusion_matrix(predictions, labels, num_classes), len(paths))
+    return EvaluationResult(
+        table,
+        float((predictions == labels).sum() / count),
+        float((top5 == labels[:, None]).any(axis=1).sum() / count),
+        mean_acc,
+        per_class,
+        confusion_matrix(predictions, labels, num_classes),
+        len(paths),
+    )
 
 
-def score_views(views: ray.data.Dataset, video_paths: list[str], model_reference: dict[str, Any], loaded: LoadedModel, *,
-                mean: list[float], std: list[float], batch_size: int, replicas: int, use_gpu: bool,
-                cpus_per_replica: float) -> EvaluationResult:
+def score_views(
+    views: ray.data.Dataset,
+    video_paths: list[str],
+    model_reference: dict[str, Any],
+    loaded: LoadedModel,
+    *,
+    mean: list[float],
+    std: list[float],
+    batch_size: int,
+    replicas: int,
+    use_gpu: bool,
+    cpus_per_replica: float,
+) -> EvaluationResult:
     """Run every view through an actor pool of model replicas and reduce to per-video results."""
     scored = views.map_batches(
         ViewScorer,
@@ -132,21 +153,41 @@ def run_evaluation(cfg: DictConfig, explicit: set[str], base: Path) -> Evaluatio
     test_source = str((base / cfg.data.test).resolve())
     cached = Path(tempfile.mkdtemp(prefix="mvit-eval-")) / "test_index.parquet"
     root = str((base / cfg.data.root).resolve()) if cfg.data.root else None
-    usable, excluded = read_usable(ensure_index(test_source, cached, root, cfg.data.allow_outside_root,
-                                                cfg.data.cpus_per_task, cfg.data.decode_concurrency))
+    usable, excluded = read_usable(
+        ensure_index(
+            test_source, cached, root, cfg.data.allow_outside_root, cfg.data.cpus_per_task, cfg.data.decode_concurrency
+        )
+    )
     if usable.num_rows == 0:
         raise ValueError(f"data.test {test_source}: no usable videos ({len(excluded)} unusable)")
     counter_name = f"skips-eval-{uuid.uuid4().hex[:8]}"
-    views = test_dataset(usable, num_frames=settings.num_frames, sampling_rate=settings.sampling_rate,
-                         target_fps=settings.target_fps, crop_size=settings.crop_size,
-                         short_side=settings.test_short_side, num_temporal_clips=cfg.data.test_clips,
-                         num_spatial_crops=cfg.data.test_crops, cpus_per_task=cfg.data.cpus_per_task,
-                         concurrency=cfg.data.decode_concurrency, resources=dict(cfg.data.decode_resources),
-                         skip_counter_name=counter_name)
+    views = test_dataset(
+        usable,
+        num_frames=settings.num_frames,
+        sampling_rate=settings.sampling_rate,
+        target_fps=settings.target_fps,
+        crop_size=settings.crop_size,
+        short_side=settings.test_short_side,
+        num_temporal_clips=cfg.data.test_clips,
+        num_spatial_crops=cfg.data.test_crops,
+        cpus_per_task=cfg.data.cpus_per_task,
+        concurrency=cfg.data.decode_concurrency,
+        resources=dict(cfg.data.decode_resources),
+        skip_counter_name=counter_name,
+    )
     evaluate = cfg.evaluate
-    result = score_views(views, usable.column("path").to_pylist(), reference, loaded, mean=settings.mean,
-                         std=settings.std, batch_size=evaluate.batch_size, replicas=evaluate.replicas,
-                         use_gpu=evaluate.use_gpu, cpus_per_replica=evaluate.cpus_per_replica)
+    result = score_views(
+        views,
+        usable.column("path").to_pylist(),
+        reference,
+        loaded,
+        mean=settings.mean,
+        std=settings.std,
+        batch_size=evaluate.batch_size,
+        replicas=evaluate.replicas,
+        use_gpu=evaluate.use_gpu,
+        cpus_per_replica=evaluate.cpus_per_replica,
+    )
     skipped = ray.get(skip_counter(counter_name).reasons.remote())
     run_id = log_evaluation(cfg, reference, loaded, result, excluded, skipped)
     return EvaluationReport(result, excluded, skipped, loaded, run_id)

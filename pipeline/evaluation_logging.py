@@ -1,4 +1,4 @@
-"""An evaluation's MLflow run: metrics, per-video predictions (Parquet), a confusion matrix (PNG), per-class accuracy."""
+"""An evaluation's MLflow run: metrics, per-video predictions (Parquet), confusion matrix (PNG), per-class accuracy."""
 
 from __future__ import annotations
 
@@ -37,8 +37,14 @@ def _confusion_png(matrix: np.ndarray, labels: list[str], path: Path) -> None:
     plt.close(figure)
 
 
-def log_evaluation(cfg: DictConfig, reference: dict[str, Any], loaded: LoadedModel, result: Any,
-                   excluded: list[tuple[str, str]], skipped: dict[str, str]) -> str:
+def log_evaluation(
+    cfg: DictConfig,
+    reference: dict[str, Any],
+    loaded: LoadedModel,
+    result: Any,
+    excluded: list[tuple[str, str]],
+    skipped: dict[str, str],
+) -> str:
     """Log to a new run in the experiment, tagged with the training run it measures; returns its id."""
     import mlflow
 
@@ -48,20 +54,32 @@ def log_evaluation(cfg: DictConfig, reference: dict[str, Any], loaded: LoadedMod
     if loaded.training_run_id:
         tags[EVALUATES_TAG] = loaded.training_run_id
     with mlflow.start_run(run_name=f"evaluate-{Path(str(loaded.description)).name}", tags=tags) as run:
-        mlflow.log_params({
-            "model": redact(reference["reference"]), "model_source": reference["source"],
-            "data.test": cfg.data.test, "data.test_clips": cfg.data.test_clips, "data.test_crops": cfg.data.test_crops,
-        })
-        mlflow.log_metrics({
-            "test/top1": result.top1, "test/top5": result.top5, "test/mean_class_accuracy": result.mean_class_accuracy,
-            "test/videos": result.videos, "test/excluded": len(excluded), "test/skipped": len(skipped),
-        })
+        mlflow.log_params(
+            {
+                "model": redact(reference["reference"]),
+                "model_source": reference["source"],
+                "data.test": cfg.data.test,
+                "data.test_clips": cfg.data.test_clips,
+                "data.test_crops": cfg.data.test_crops,
+            }
+        )
+        mlflow.log_metrics(
+            {
+                "test/top1": result.top1,
+                "test/top5": result.top5,
+                "test/mean_class_accuracy": result.mean_class_accuracy,
+                "test/videos": result.videos,
+                "test/excluded": len(excluded),
+                "test/skipped": len(skipped),
+            }
+        )
         with tempfile.TemporaryDirectory() as folder:
             folder = Path(folder)
             names = pa.array([loaded.labels[i] for i in result.predictions.column("prediction").to_pylist()])
             pq.write_table(result.predictions.append_column("prediction_name", names), folder / "predictions.parquet")
-            per_class = pa.table({"class": loaded.labels, "accuracy": result.per_class_accuracy,
-                                  "videos": result.confusion.sum(axis=1)})
+            per_class = pa.table(
+                {"class": loaded.labels, "accuracy": result.per_class_accuracy, "videos": result.confusion.sum(axis=1)}
+            )
             pa_csv.write_csv(per_class, folder / "per_class_accuracy.csv")
             _confusion_png(result.confusion, loaded.labels, folder / "confusion_matrix.png")
             unusable = [f"{path}\t{reason}" for path, reason in excluded + sorted(skipped.items())]

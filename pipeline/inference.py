@@ -25,8 +25,9 @@ def model_reference(cfg: DictConfig, base: Path) -> dict[str, Any]:
     if not reference:
         found = latest_checkpoint(str((base / cfg.run.storage_path).resolve()), cfg.run.name)
         if found is None:
-            raise ModelSourceError(f"no model given and no checkpoint under {cfg.run.storage_path}/{cfg.run.name}; "
-                                   "pass model=PATH_OR_URI")
+            raise ModelSourceError(
+                f"no model given and no checkpoint under {cfg.run.storage_path}/{cfg.run.name}; pass model=PATH_OR_URI"
+            )
         reference = str(found)
     elif "://" not in reference and ":/" not in reference:
         reference = str((base / reference).resolve())

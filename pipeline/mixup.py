@@ -19,8 +19,16 @@ class MixupCutmix:
     The cutmix box is the same for every frame of a clip, as in PySlowFast; the target weight is the box's true area.
     """
 
-    def __init__(self, num_classes: int, mixup_alpha: float, cutmix_alpha: float, prob: float,
-                 switch_prob: float, label_smoothing: float, seed: int = 0) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        mixup_alpha: float,
+        cutmix_alpha: float,
+        prob: float,
+        switch_prob: float,
+        label_smoothing: float,
+        seed: int = 0,
+    ) -> None:
         self.num_classes = num_classes
         self.mixup_alpha = mixup_alpha
         self.cutmix_alpha = cutmix_alpha

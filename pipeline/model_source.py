@@ -4,9 +4,10 @@ torchvision / PySlowFast / pytorchvideo checkpoint. Each resolves to the module 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
@@ -31,11 +32,11 @@ class LoadedModel:
     labels: list[str]
     input_size: tuple[int, int, int]  # frames, height, width
     description: str
-    training_run_id: Optional[str] = None
+    training_run_id: str | None = None
     data: dict[str, Any] = field(default_factory=dict)  # the training config's data section, when known
 
 
-def _labels_or_numbers(labels: Optional[Sequence[str]], num_classes: int) -> list[str]:
+def _labels_or_numbers(labels: Sequence[str] | None, num_classes: int) -> list[str]:
     if labels:
         if len(labels) != num_classes:
             raise ModelSourceError(f"label map has {len(labels)} names but the model has {num_classes} classes")
@@ -43,16 +44,22 @@ def _labels_or_numbers(labels: Optional[Sequence[str]], num_classes: int) -> lis
     return [str(i) for i in range(num_classes)]
 
 
-def _from_training_state(state: dict[str, Any], description: str, labels: Optional[Sequence[str]]) -> LoadedModel:
-    model = mvit.create_model(state["model_name"], num_classes=state["num_classes"],
-                              input_size=tuple(state["input_size"]))
+def _from_training_state(state: dict[str, Any], description: str, labels: Sequence[str] | None) -> LoadedModel:
+    model = mvit.create_model(
+        state["model_name"], num_classes=state["num_classes"], input_size=tuple(state["input_size"])
+    )
     model.load_state_dict(state["model"])
-    return LoadedModel(model.eval(), list(labels or state.get("labels") or _labels_or_numbers(None, state["num_classes"])),
-                       tuple(state["input_size"]), description, state.get("mlflow_run_id"),
-                       dict(state.get("config", {}).get("data", {})))
+    return LoadedModel(
+        model.eval(),
+        list(labels or state.get("labels") or _labels_or_numbers(None, state["num_classes"])),
+        tuple(state["input_size"]),
+        description,
+        state.get("mlflow_run_id"),
+        dict(state.get("config", {}).get("data", {})),
+    )
 
 
-def _from_mlflow(uri: str, labels: Optional[Sequence[str]], tracking_uri: Optional[str]) -> LoadedModel:
+def _from_mlflow(uri: str, labels: Sequence[str] | None, tracking_uri: str | None) -> LoadedModel:
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -64,10 +71,10 @@ def _from_mlflow(uri: str, labels: Optional[Sequence[str]], tracking_uri: Option
     except Exception as error:
         raise ModelSourceError(f"MLflow model {uri}: {str(error).splitlines()[0]}") from None
     if uri.startswith("models:/"):
-        name, version = uri[len("models:/"):].split("/", 1)
+        name, version = uri[len("models:/") :].split("/", 1)
         run_id = client.get_model_version(name, version).run_id
     else:
-        run_id = uri[len("runs:/"):].split("/", 1)[0]
+        run_id = uri[len("runs:/") :].split("/", 1)[0]
     with tempfile.TemporaryDirectory() as folder:
         config = Path(client.download_artifacts(run_id, "config.yaml", folder))
         data = OmegaConf.to_container(OmegaConf.load(config).data)
@@ -76,9 +83,15 @@ def _from_mlflow(uri: str, labels: Optional[Sequence[str]], tracking_uri: Option
     return LoadedModel(module.eval(), list(names), input_size, uri, run_id, data)
 
 
-def load_model(reference: str, *, source: str = "auto", model_name: Optional[str] = None,
-               labels: Optional[Sequence[str]] = None, input_size: Optional[Sequence[int]] = None,
-               tracking_uri: Optional[str] = None) -> LoadedModel:
+def load_model(
+    reference: str,
+    *,
+    source: str = "auto",
+    model_name: str | None = None,
+    labels: Sequence[str] | None = None,
+    input_size: Sequence[int] | None = None,
+    tracking_uri: str | None = None,
+) -> LoadedModel:
     """Load `reference`; `source` is auto (checkpoint folder, native .pt or MLflow URI) or a foreign format."""
     if reference.startswith(("runs:/", "models:/")):
         return _from_mlflow(reference, labels, tracking_uri)
@@ -96,8 +109,9 @@ def load_model(reference: str, *, source: str = "auto", model_name: Optional[str
     if source not in ("auto", "native"):
         raise ModelSourceError(f"model source '{source}' is not one of auto, native, {', '.join(FOREIGN_SOURCES)}")
     try:
-        state = checkpointing.load_state(path) if path.is_dir() else torch.load(path, map_location="cpu",
-                                                                                    weights_only=True)
+        state = (
+            checkpointing.load_state(path) if path.is_dir() else torch.load(path, map_location="cpu", weights_only=True)
+        )
     except Exception as error:
         raise ModelSourceError(f"model {reference}: {str(error).splitlines()[0]}") from None
     if isinstance(state, dict) and "model_name" in state:
@@ -111,8 +125,10 @@ def load_model(reference: str, *, source: str = "auto", model_name: Optional[str
     return LoadedModel(model.eval(), _labels_or_numbers(labels, model.num_classes), tuple(model.input_size), reference)
 
 
-def latest_checkpoint(storage_path: str, run_name: str) -> Optional[Path]:
+def latest_checkpoint(storage_path: str, run_name: str) -> Path | None:
     """The newest Ray Train checkpoint folder of a run, found on disk (for `jobs.predict` with no model given)."""
-    folders = sorted((Path(storage_path) / run_name).glob("checkpoint_*/" + checkpointing.STATE_FILE),
-                     key=lambda p: p.stat().st_mtime)
+    folders = sorted(
+        (Path(storage_path) / run_name).glob("checkpoint_*/" + checkpointing.STATE_FILE),
+        key=lambda p: p.stat().st_mtime,
+    )
     return folders[-1].parent if folders else None

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 import ray
 
@@ -101,7 +100,7 @@ class CrashGuard:
         self.task = ray.get_runtime_context().get_task_id()
         self.deaths = ray.get(counter.start.remote(self.task))
 
-    def should_skip(self, path: str) -> Optional[str]:
+    def should_skip(self, path: str) -> str | None:
         """The skip reason if `path` killed its decoding process too often, else None."""
         deaths = self.deaths.get(path, 0)
         return PROCESS_DIED.format(deaths) if deaths >= DEATHS_BEFORE_SKIP else None

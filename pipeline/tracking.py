@@ -12,8 +12,9 @@ import logging
 import re
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ def resolve_tracking_uri(uri: str, base: Path) -> str:
     if uri.startswith("file:") or "://" not in uri:
         raise ValueError(f"mlflow.tracking_uri '{uri}': file stores are not supported; use sqlite:/// or http://")
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return f"sqlite:///{(base / uri[len('sqlite:///'):]).resolve()}"
+        return f"sqlite:///{(base / uri[len('sqlite:///') :]).resolve()}"
     return uri
 
 
@@ -138,17 +139,26 @@ class RunLogger:
                 plt.close(figure)
             self._mlflow.log_artifacts(folder, "curves")
 
-    def log_model(self, model: Any, name: str, input_example: Any, registered_model_name: Optional[str]) -> None:
+    def log_model(self, model: Any, name: str, input_example: Any, registered_model_name: str | None) -> None:
         """An MLflow PyTorch model; pt2 (torch.export) first, pickle if the model does not export."""
         try:
-            self._mlflow.pytorch.log_model(model, name=name, input_example=input_example,
-                                           registered_model_name=registered_model_name)
+            self._mlflow.pytorch.log_model(
+                model, name=name, input_example=input_example, registered_model_name=registered_model_name
+            )
         except Exception as error:  # torch.export is stricter than eager; a logged model beats none
-            log.warning("pt2 export of %s failed (%s: %s); logging it in pickle format", name,
-                        type(error).__name__, str(error).splitlines()[0] if str(error) else "")
-            self._mlflow.pytorch.log_model(model, name=name, input_example=input_example,
-                                           registered_model_name=registered_model_name,
-                                           serialization_format="pickle")
+            log.warning(
+                "pt2 export of %s failed (%s: %s); logging it in pickle format",
+                name,
+                type(error).__name__,
+                str(error).splitlines()[0] if str(error) else "",
+            )
+            self._mlflow.pytorch.log_model(
+                model,
+                name=name,
+                input_example=input_example,
+                registered_model_name=registered_model_name,
+                serialization_format="pickle",
+            )
 
     def close(self, status: str = "FINISHED") -> None:
         self._mlflow.end_run(status=status)

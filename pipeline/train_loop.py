@@ -6,9 +6,10 @@ import logging
 import math
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import numpy as np
 import ray
@@ -86,12 +87,15 @@ class Trainer:
         self.precision = resolve_precision(cfg["train"]["precision"], self.device)
         torch.manual_seed(cfg["train"]["seed"] + self.rank)
 
-        model = mvit.create_model(cfg["model"]["name"], num_classes=job["num_classes"],
-                                  input_size=job["input_size"],
-                                  drop_path_rate=cfg["model"]["drop_path_rate"],
-                                  head_dropout=cfg["model"]["head_dropout"],
-                                  activation_checkpointing=cfg["model"]["activation_checkpointing"],
-                                  pool_memory_format=cfg["model"]["pool_memory_format"])
+        model = mvit.create_model(
+            cfg["model"]["name"],
+            num_classes=job["num_classes"],
+            input_size=job["input_size"],
+            drop_path_rate=cfg["model"]["drop_path_rate"],
+            head_dropout=cfg["model"]["head_dropout"],
+            activation_checkpointing=cfg["model"]["activation_checkpointing"],
+            pool_memory_format=cfg["model"]["pool_memory_format"],
+        )
         if cfg["model"]["pretrained"]:
             mvit.load_pretrained(model, cfg["model"]["pretrained"], source=cfg["model"]["pretrained_source"])
         self.model = ray.train.torch.prepare_model(model)
@@ -99,18 +103,30 @@ class Trainer:
             self.model = torch.compile(self.model)
         global_batch = cfg["train"]["batch_size"] * self.world
         self.peak_lr = scaled_lr(cfg["train"]["lr"], cfg["train"]["lr_reference_batch"], global_batch)
-        self.optimizer = build_optimizer(_unwrap(self.model), self.peak_lr, cfg["train"]["weight_decay"],
-                                         tuple(cfg["train"]["betas"]))
+        self.optimizer = build_optimizer(
+            _unwrap(self.model), self.peak_lr, cfg["train"]["weight_decay"], tuple(cfg["train"]["betas"])
+        )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        self.schedule = WarmupCosine(self.peak_lr, cfg["train"]["min_lr"], cfg["train"]["warmup_start_lr"],
-                                     cfg["train"]["warmup_epochs"], cfg["train"]["epochs"])
-        self.mixup = MixupCutmix(job["num_classes"], cfg["train"]["mixup_alpha"], cfg["train"]["cutmix_alpha"],
-                                 cfg["train"]["mixup_prob"], cfg["train"]["mixup_switch_prob"],
-                                 cfg["train"]["label_smoothing"], seed=cfg["train"]["seed"] + self.rank)
+        self.schedule = WarmupCosine(
+            self.peak_lr,
+            cfg["train"]["min_lr"],
+            cfg["train"]["warmup_start_lr"],
+            cfg["train"]["warmup_epochs"],
+            cfg["train"]["epochs"],
+        )
+        self.mixup = MixupCutmix(
+            job["num_classes"],
+            cfg["train"]["mixup_alpha"],
+            cfg["train"]["cutmix_alpha"],
+            cfg["train"]["mixup_prob"],
+            cfg["train"]["mixup_switch_prob"],
+            cfg["train"]["label_smoothing"],
+            seed=cfg["train"]["seed"] + self.rank,
+        )
         self.mean = torch.tensor(cfg["data"]["mean"], device=self.device).view(1, 3, 1, 1, 1)
         self.std = torch.tensor(cfg["data"]["std"], device=self.device).view(1, 3, 1, 1, 1)
         self.state = LoopState()
-        self.best_model: Optional[dict[str, torch.Tensor]] = None
+        self.best_model: dict[str, torch.Tensor] | None = None
         self.run_id: str = job["mlflow_run_id"]
         self._restore()
         self.logger = self._open_logger() if self.rank == 0 else None
@@ -136,19 +152,22 @@ class Trainer:
         with tempfile.TemporaryDirectory() as folder:
             checkpoint = None
             if self.rank == 0:
-                checkpointing.save_state(folder, {
-                    "model": _unwrap(self.model).state_dict(),
-                    "model_name": self.cfg["model"]["name"],
-                    "num_classes": self.job["num_classes"],
-                    "input_size": list(self.job["input_size"]),
-                    "labels": self.job["labels"],
-                    "optimizer": self.optimizer.state_dict(),
-                    "scaler": self.scaler.state_dict(),
-                    "loop": self.state.__dict__,
-                    "best_model": self.best_model,
-                    "mlflow_run_id": self.run_id,
-                    "config": self.cfg,
-                })
+                checkpointing.save_state(
+                    folder,
+                    {
+                        "model": _unwrap(self.model).state_dict(),
+                        "model_name": self.cfg["model"]["name"],
+                        "num_classes": self.job["num_classes"],
+                        "input_size": list(self.job["input_size"]),
+                        "labels": self.job["labels"],
+                        "optimizer": self.optimizer.state_dict(),
+                        "scaler": self.scaler.state_dict(),
+                        "loop": self.state.__dict__,
+                        "best_model": self.best_model,
+                        "mlflow_run_id": self.run_id,
+                        "config": self.cfg,
+                    },
+                )
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(metrics, checkpoint=checkpoint)
         if self.logger is not None:
@@ -162,8 +181,9 @@ class Trainer:
         logger.log_text(self.job["config_yaml"], "config.yaml")
         logger.log_text("\n".join(self.job["labels"]) + "\n", "labels.txt")
         if self.job["excluded"]:
-            logger.log_text("\n".join(f"{path}\t{reason}" for path, reason in self.job["excluded"]) + "\n",
-                            "excluded_videos.tsv")
+            logger.log_text(
+                "\n".join(f"{path}\t{reason}" for path, reason in self.job["excluded"]) + "\n", "excluded_videos.tsv"
+            )
         # Metrics of a checkpoint that was reported but not yet committed when the last attempt died.
         logger.commit(self.state.pending)
         return logger
@@ -174,9 +194,14 @@ class Trainer:
     # ---- steps -------------------------------------------------------------------------------------------------
     def _batches(self, name: str, drop_last: bool) -> Iterator[dict[str, torch.Tensor]]:
         shard = ray.train.get_dataset_shard(name)
-        return iter(shard.iter_torch_batches(batch_size=self.cfg["train"]["batch_size"], drop_last=drop_last,
-                                             prefetch_batches=self.cfg["data"]["prefetch_batches"],
-                                             device=self.device))
+        return iter(
+            shard.iter_torch_batches(
+                batch_size=self.cfg["train"]["batch_size"],
+                drop_last=drop_last,
+                prefetch_batches=self.cfg["data"]["prefetch_batches"],
+                device=self.device,
+            )
+        )
 
     def _autocast(self):
         dtype = AUTOCAST_DTYPES[self.precision]
@@ -224,7 +249,8 @@ class Trainer:
                 raise NonFiniteLossError(
                     f"stopped at step {step}: steps {step - bad_in_a_row + 1}-{step} all had a non-finite loss or "
                     f"gradient (last loss {loss}; train.max_bad_steps={cfg['max_bad_steps']}). The last good "
-                    f"checkpoint is intact.")
+                    f"checkpoint is intact."
+                )
             self.state.step += 1
             self.state.step_in_epoch += 1
             if applied:
@@ -273,8 +299,7 @@ class Trainer:
         loss_sum, hits1, hits5, count = _all_reduce_sum([loss_sum, hits1, hits5, count], self.device)
         if count == 0:
             return {"val/loss": math.nan, "val/top1": 0.0, "val/top5": 0.0, "val/count": 0}
-        return {"val/loss": loss_sum / count, "val/top1": hits1 / count, "val/top5": hits5 / count,
-                "val/count": count}
+        return {"val/loss": loss_sum / count, "val/top1": hits1 / count, "val/top5": hits5 / count, "val/count": count}
 
     # ---- the run -----------------------------------------------------------------------------------------------
     def fit(self) -> None:
@@ -285,7 +310,9 @@ class Trainer:
             val = self.validate()
             skipped_now = ray.get(skip_counter(self.job["skip_counter"]).total.remote())
             # A driver that died and came back brings a new counter that starts from zero.
-            skipped = skipped_now - self.state.skipped_before if skipped_now >= self.state.skipped_before else skipped_now
+            skipped = (
+                skipped_now - self.state.skipped_before if skipped_now >= self.state.skipped_before else skipped_now
+            )
             self.state.skipped_before = skipped_now
             if self.rank == 0:
                 for key, value in val.items():
@@ -297,8 +324,9 @@ class Trainer:
                     self.best_model = {k: v.detach().cpu().clone() for k, v in _unwrap(self.model).state_dict().items()}
             self.state.epoch += 1
             self.state.step_in_epoch = 0
-            self._checkpoint({"epoch": self.state.epoch, "step": self.state.step, **val,
-                              "data/skipped_videos": skipped})
+            self._checkpoint(
+                {"epoch": self.state.epoch, "step": self.state.step, **val, "data/skipped_videos": skipped}
+            )
             if self.logger is not None:
                 self.logger.log_curves()
         if self.logger is not None:

@@ -8,7 +8,6 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -58,8 +57,16 @@ def absolute(path: str, base: Path) -> str:
 def resolve_paths(cfg: DictConfig, base: Path) -> DictConfig:
     """Every path made absolute on the driver: Ray workers and `ray job submit` run in other directories."""
     cfg = OmegaConf.create(to_container(cfg))
-    for key in ("data.train", "data.val", "data.test", "data.root", "data.labels", "data.demo.out",
-                "run.storage_path", "model.pretrained"):
+    for key in (
+        "data.train",
+        "data.val",
+        "data.test",
+        "data.root",
+        "data.labels",
+        "data.demo.out",
+        "run.storage_path",
+        "model.pretrained",
+    ):
         value = OmegaConf.select(cfg, key)
         if value and "://" not in value:
             OmegaConf.update(cfg, key, absolute(value, base))
@@ -86,15 +93,27 @@ def is_index(path: str) -> bool:
     return path.endswith((".parquet", ".pq")) and "status" in pq.read_schema(path).names
 
 
-def ensure_index(source: str, cached: Path, root: Optional[str], allow_outside_root: bool, cpus_per_task: float,
-                 concurrency: Optional[int]) -> str:
+def ensure_index(
+    source: str,
+    cached: Path,
+    root: str | None,
+    allow_outside_root: bool,
+    cpus_per_task: float,
+    concurrency: int | None,
+) -> str:
     """The index of `source`: itself if already probed, else a probe of the manifest, cached until it changes."""
     if is_index(source):
         return source
     if cached.is_file() and cached.stat().st_mtime >= Path(source).stat().st_mtime:
         return str(cached)
-    summary = index.build_index(source, cached, root, allow_outside_root=allow_outside_root,
-                                cpus_per_task=cpus_per_task, concurrency=concurrency)
+    summary = index.build_index(
+        source,
+        cached,
+        root,
+        allow_outside_root=allow_outside_root,
+        cpus_per_task=cpus_per_task,
+        concurrency=concurrency,
+    )
     print(f"probed {source}: {summary.usable} of {summary.total} videos usable")
     return str(summary.path)
 
@@ -110,9 +129,16 @@ def plan_data(cfg: DictConfig) -> DataPlan:
             raise ValueError(f"data.{split} is not set (a manifest or an index)")
         if not Path(source).is_file():
             raise ValueError(f"data.{split} {source}: no such file")
-        usable, unusable = index.read_usable(ensure_index(
-            source, index_dir / f"{split}.parquet", cfg.data.root or None, cfg.data.allow_outside_root,
-            cfg.data.cpus_per_task, cfg.data.decode_concurrency))
+        usable, unusable = index.read_usable(
+            ensure_index(
+                source,
+                index_dir / f"{split}.parquet",
+                cfg.data.root or None,
+                cfg.data.allow_outside_root,
+                cfg.data.cpus_per_task,
+                cfg.data.decode_concurrency,
+            )
+        )
         if usable.num_rows == 0:
             raise ValueError(f"data.{split} {source}: no usable videos ({len(unusable)} unusable)")
         out_of_range = pc.max(usable.column("label")).as_py() >= len(labels)
@@ -132,17 +158,28 @@ def build_trainer(cfg: DictConfig, plan: DataPlan, run_id: str) -> TorchTrainer:
     # One counter per training call: a counter left by an earlier call in this process may be dying (it lives only
     # while something references it), and a fresh name can't be handed such a one.
     skip_counter = f"skips-{cfg.run.name}-{uuid.uuid4().hex[:8]}"
-    clip_args = dict(num_frames=data.num_frames, sampling_rate=data.sampling_rate, target_fps=data.target_fps,
-                     crop_size=data.crop_size, cpus_per_task=data.cpus_per_task,
-                     concurrency=data.decode_concurrency, resources=dict(data.decode_resources),
-                     skip_counter_name=skip_counter)
+    clip_args = dict(
+        num_frames=data.num_frames,
+        sampling_rate=data.sampling_rate,
+        target_fps=data.target_fps,
+        crop_size=data.crop_size,
+        cpus_per_task=data.cpus_per_task,
+        concurrency=data.decode_concurrency,
+        resources=dict(data.decode_resources),
+        skip_counter_name=skip_counter,
+    )
     augment = data.augment
     datasets = {
         "train": dataset.train_dataset(
-            plan.train_index, num_clips=data.num_clips, random_resized_crop=augment.crop == "inception",
+            plan.train_index,
+            num_clips=data.num_clips,
+            random_resized_crop=augment.crop == "inception",
             short_side=(augment.min_short_side, augment.max_short_side),
-            crop_area=(augment.min_area, augment.max_area), crop_aspect=(augment.min_aspect, augment.max_aspect),
-            flip=augment.flip, **clip_args),
+            crop_area=(augment.min_area, augment.max_area),
+            crop_aspect=(augment.min_aspect, augment.max_aspect),
+            flip=augment.flip,
+            **clip_args,
+        ),
         "val": dataset.val_dataset(plan.val_index, short_side=data.test_short_side, **clip_args),
     }
     clips_per_epoch = plan.train_index.num_rows * data.num_clips
@@ -162,8 +199,11 @@ def build_trainer(cfg: DictConfig, plan: DataPlan, run_id: str) -> TorchTrainer:
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=job,
-        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+        ),
         run_config=RunConfig(
             name=cfg.run.name,
             storage_path=cfg.run.storage_path,
@@ -179,11 +219,11 @@ def build_trainer(cfg: DictConfig, plan: DataPlan, run_id: str) -> TorchTrainer:
 class TrainingOutcome:
     run_id: str
     tracking_uri: str
-    result: Optional[Result]
+    result: Result | None
     metrics: dict[str, float]
 
 
-def run_training(cfg: DictConfig, base: Optional[Path] = None) -> TrainingOutcome:
+def run_training(cfg: DictConfig, base: Path | None = None) -> TrainingOutcome:
     """Train as configured; re-running with the same `run.name` and `run.storage_path` resumes."""
     cfg = resolve_paths(cfg, base or Path.cwd())
     use_demo_if_unset(cfg)

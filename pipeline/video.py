@@ -170,9 +170,7 @@ def _describe(path: str, container: av.container.InputContainer) -> VideoInfo:
 
     pts = tuple(sorted(decode_order_pts))
     time_base = stream.time_base
-    pts_ordered = (
-        container.format.name in PTS_ORDERED_FORMATS and not pts_missing and len(set(pts)) == len(pts)
-    )
+    pts_ordered = container.format.name in PTS_ORDERED_FORMATS and not pts_missing and len(set(pts)) == len(pts)
     keyframe_pts = tuple(decode_order_pts[position] for position in keyframe_positions)
     keyframes = tuple(bisect.bisect_left(pts, timestamp) for timestamp in keyframe_pts)
 
@@ -241,7 +239,7 @@ class _PtsOutOfOrder(Exception):
 
 def _decode_unique(path: str, info: VideoInfo, wanted: list[int], threads: int) -> dict[int, np.ndarray]:
     """Decode the sorted, distinct `wanted` frames, starting from the last keyframe at or before the first."""
-    starts = sorted({kf for kf in info.keyframes if 0 < kf <= wanted[0]}, reverse=True) + [0]
+    starts = [*sorted({kf for kf in info.keyframes if 0 < kf <= wanted[0]}, reverse=True), 0]
     for start in starts:
         try:
             return _decode_from(path, info, start, wanted, threads)

@@ -26,7 +26,7 @@ NODE_MEMORY = {"object_store_memory": 100 * 1024**2}
 DECODE_NODE = {"num_cpus": 2, "resources": {"decode": 2}, **NODE_MEMORY}
 
 
-def lose_node_while_decoding(cluster: Cluster, node: "ray._private.node.Node", counter: ray.actor.ActorHandle) -> int:
+def lose_node_while_decoding(cluster: Cluster, node: ray._private.node.Node, counter: ray.actor.ActorHandle) -> int:
     """Remove `node` as soon as the skip counter shows a decode under way (all decodes run there), then replace it
     (from the main thread: starting a node installs signal handlers). Returns how many decodes were under way."""
     while not (in_progress := ray.get(counter.in_progress.remote())):
@@ -37,13 +37,20 @@ def lose_node_while_decoding(cluster: Cluster, node: "ray._private.node.Node", c
 
 
 def main(index: str, out: str) -> None:
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
-                                                            **NODE_MEMORY})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False, **NODE_MEMORY})
     try:
         ray.init(address=cluster.address, log_to_driver=False)
         counter_name = f"node-loss-{uuid.uuid4().hex}"
-        clips = dataset.train_dataset(index, num_frames=8, sampling_rate=2, crop_size=32, short_side=(32, 40),
-                                      resources={"decode": 1}, videos_per_task=1, skip_counter_name=counter_name)
+        clips = dataset.train_dataset(
+            index,
+            num_frames=8,
+            sampling_rate=2,
+            crop_size=32,
+            short_side=(32, 40),
+            resources={"decode": 1},
+            videos_per_task=1,
+            skip_counter_name=counter_name,
+        )
         counter = skip_counter(counter_name)  # on the head: the dataset above created it before the node joined
         doomed = cluster.add_node(**DECODE_NODE)
         labels: list[int] = []
@@ -52,8 +59,12 @@ def main(index: str, out: str) -> None:
         epoch.start()
         under_way = lose_node_while_decoding(cluster, doomed, counter)
         epoch.join()
-        facts = {"labels": labels, "decodes_under_way_at_loss": under_way, "seconds": time.monotonic() - started,
-                 "skipped": ray.get(counter.reasons.remote())}
+        facts = {
+            "labels": labels,
+            "decodes_under_way_at_loss": under_way,
+            "seconds": time.monotonic() - started,
+            "skipped": ray.get(counter.reasons.remote()),
+        }
         with open(out, "w") as handle:
             json.dump(facts, handle)
     finally:

@@ -67,14 +67,24 @@ def torchvision_like(preset: str) -> Callable[[], torch.nn.Module]:
 
     blocks = [
         MSBlockConfig(
-            b.num_heads, b.dim_in, b.dim_out, pooling(b.pool_q)[0], pooling(b.pool_k)[0], pooling(b.pool_q)[1],
+            b.num_heads,
+            b.dim_in,
+            b.dim_out,
+            pooling(b.pool_q)[0],
+            pooling(b.pool_k)[0],
+            pooling(b.pool_q)[1],
             pooling(b.pool_k)[1],
         )
         for b in config.blocks
     ]
     return lambda: _mvit(
-        blocks, config.drop_path_rate, None, False, spatial_size=config.input_size[1:],
-        temporal_size=config.input_size[0], residual_with_cls_embed=False,
+        blocks,
+        config.drop_path_rate,
+        None,
+        False,
+        spatial_size=config.input_size[1:],
+        temporal_size=config.input_size[0],
+        residual_with_cls_embed=False,
     )
 
 

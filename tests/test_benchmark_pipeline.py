@@ -13,8 +13,26 @@ from tests.videos import H264_BFRAMES_LONG_GOP, write_indexed_video
 def test_pipeline_benchmark_reports_clips_per_core_for_each_setting(tmp_path):
     video = write_indexed_video(tmp_path / "video.mp4", H264_BFRAMES_LONG_GOP)
     out = tmp_path / "figures.json"
-    command = [sys.executable, "-m", "jobs.benchmark", "pipeline", str(video), "--repeat", "4", "--num-frames", "4",
-               "--sampling-rate", "2", "--crop-size", "32", "--short-side", "32", "40", "--json", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "jobs.benchmark",
+        "pipeline",
+        str(video),
+        "--repeat",
+        "4",
+        "--num-frames",
+        "4",
+        "--sampling-rate",
+        "2",
+        "--crop-size",
+        "32",
+        "--short-side",
+        "32",
+        "40",
+        "--json",
+        str(out),
+    ]
     finished = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-2000:]
     results = json.loads(out.read_text())["results"]

@@ -43,25 +43,59 @@ def test_train_through_ray_job_submit(tmp_path):
     env.pop("RAY_ADDRESS", None)
     dashboard = free_port()
     assert run([RAY, "get-auth-token", "--generate"], env, 60).returncode == 0
-    started = run([RAY, "start", "--head", "--num-cpus=4", f"--port={free_port()}", f"--dashboard-port={dashboard}",
-                   "--dashboard-host=127.0.0.1", "--disable-usage-stats",
-                   '--resources={"decode": 2}'], env, 120)  # decoding is pinned to this node's "decode" resource
+    started = run(
+        [
+            RAY,
+            "start",
+            "--head",
+            "--num-cpus=4",
+            f"--port={free_port()}",
+            f"--dashboard-port={dashboard}",
+            "--dashboard-host=127.0.0.1",
+            "--disable-usage-stats",
+            '--resources={"decode": 2}',
+        ],
+        env,
+        120,
+    )  # decoding is pinned to this node's "decode" resource
     assert started.returncode == 0, started.stderr[-2000:]
     try:
         excludes = json.dumps({"excludes": [".venv/", "data/", "runs/", "mlflow.db", ".git/", "*.egg-info/"]})
-        submitted = submit([RAY, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", ".",
-                         "--runtime-env-json", excludes, "--", sys.executable, "-m", "jobs.train",
-                         f"data.demo.out={tmp_path / 'demo'}", "data.demo.videos_per_class=6",
-                         f"run.storage_path={tmp_path / 'runs'}", "run.name=submitted",
-                         f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "mlflow.log_models=false",
-                         "mlflow.system_metrics=false", "train.epochs=1", "data.decode_resources={decode: 1}"],
-                        env, 600)
+        submitted = submit(
+            [
+                RAY,
+                "job",
+                "submit",
+                "--address",
+                f"http://127.0.0.1:{dashboard}",
+                "--working-dir",
+                ".",
+                "--runtime-env-json",
+                excludes,
+                "--",
+                sys.executable,
+                "-m",
+                "jobs.train",
+                f"data.demo.out={tmp_path / 'demo'}",
+                "data.demo.videos_per_class=6",
+                f"run.storage_path={tmp_path / 'runs'}",
+                "run.name=submitted",
+                f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                "mlflow.log_models=false",
+                "mlflow.system_metrics=false",
+                "train.epochs=1",
+                "data.decode_resources={decode: 1}",
+            ],
+            env,
+            600,
+        )
         assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-2000:]
         assert "MLflow run id:" in submitted.stdout
     finally:
         stopped = run([RAY, "stop", "--force"], env, 120)
     assert stopped.returncode == 0
     runs = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(
-        [MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_experiment_by_name("mvit").experiment_id])
+        [MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_experiment_by_name("mvit").experiment_id]
+    )
     assert len(runs) == 1 and "val/top1" in runs[0].data.metrics
     assert (tmp_path / "runs" / "submitted").is_dir()

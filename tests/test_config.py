@@ -9,11 +9,27 @@ from pipeline.config import ConfigError, flatten, load_config, to_container
 from tests.conftest import REPO_ROOT
 
 REQUIRED_KEYS = [
-    "model.name", "model.num_classes", "model.pretrained",
-    "data.train", "data.val", "data.root", "data.num_frames", "data.sampling_rate", "data.crop_size",
-    "train.epochs", "train.batch_size", "train.lr", "train.precision",
-    "scaling.num_workers", "scaling.use_gpu", "scaling.cpus_per_worker", "scaling.max_failures",
-    "run.name", "run.storage_path", "mlflow.tracking_uri", "mlflow.experiment",
+    "model.name",
+    "model.num_classes",
+    "model.pretrained",
+    "data.train",
+    "data.val",
+    "data.root",
+    "data.num_frames",
+    "data.sampling_rate",
+    "data.crop_size",
+    "train.epochs",
+    "train.batch_size",
+    "train.lr",
+    "train.precision",
+    "scaling.num_workers",
+    "scaling.use_gpu",
+    "scaling.cpus_per_worker",
+    "scaling.max_failures",
+    "run.name",
+    "run.storage_path",
+    "mlflow.tracking_uri",
+    "mlflow.experiment",
 ]
 
 
@@ -51,8 +67,9 @@ def test_bad_override_names_the_key(override, named):
 @pytest.mark.faults
 @pytest.mark.parametrize("override", ["train.epochz=3", "train.batch_size=many"])
 def test_train_job_rejects_bad_keys_with_exit_2(override):
-    done = subprocess.run([sys.executable, "-m", "jobs.train", override], capture_output=True, text=True,
-                          cwd=REPO_ROOT, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.train", override], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120
+    )
     assert done.returncode == 2
     lines = [line for line in done.stderr.strip().splitlines() if line]
     assert len(lines) == 1 and override.split("=")[0] in lines[0], done.stderr

@@ -15,8 +15,7 @@ from pipeline.sampling import ClipSpec, uniform_clips
 from pipeline.skips import SkipSnapshot, skip_counter
 from pipeline.transforms import EvalTransform
 from pipeline.video import decode_frames, probe
-from tests.videos import (H264_BFRAMES_LONG_GOP, MPEG4_AVI, VP9_WEBM, corrupt_keyframes, index_of,
-                          write_indexed_video)
+from tests.videos import H264_BFRAMES_LONG_GOP, MPEG4_AVI, VP9_WEBM, corrupt_keyframes, index_of, write_indexed_video
 
 CLIP = {"num_frames": 8, "sampling_rate": 4, "crop_size": 32}  # 29 frames at 30 fps
 
@@ -70,9 +69,7 @@ def test_train_clips_are_uint8_rows_per_clip_and_failures_are_skipped_and_counte
 
 def test_each_epoch_is_shuffled_anew(ray_session, videos: dict[str, Path]) -> None:
     index = index_of([videos[name] for name in ["webm"] * 12])
-    clips = dataset.train_dataset(
-        index, **CLIP, short_side=(32, 32), concurrency=1, skip_counter_name=_counter_name()
-    )
+    clips = dataset.train_dataset(index, **CLIP, short_side=(32, 32), concurrency=1, skip_counter_name=_counter_name())
     orders = [[row["label"] for row in clips.take_all()] for _ in range(3)]
     assert all(sorted(order) == list(range(12)) for order in orders)
     assert len({tuple(order) for order in orders}) > 1

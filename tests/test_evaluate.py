@@ -25,8 +25,15 @@ from pipeline.transforms import EvalTransform
 from pipeline.video import decode_frames, probe
 from tests.videos import H264_BFRAMES_LONG_GOP, index_of, sequential_frames, write_indexed_video
 
-DATA = {"num_frames": 8, "sampling_rate": 2, "target_fps": 30.0, "crop_size": 64, "test_short_side": 64,
-        "mean": [0.45, 0.45, 0.45], "std": [0.225, 0.225, 0.225]}
+DATA = {
+    "num_frames": 8,
+    "sampling_rate": 2,
+    "target_fps": 30.0,
+    "crop_size": 64,
+    "test_short_side": 64,
+    "mean": [0.45, 0.45, 0.45],
+    "std": [0.225, 0.225, 0.225],
+}
 
 
 def _checkpoint(folder: Path, labels: list[str], training_run_id: str | None = None) -> Path:
@@ -35,9 +42,18 @@ def _checkpoint(folder: Path, labels: list[str], training_run_id: str | None = N
     model = mvit.create_model("mvit_tiny", num_classes=len(labels))
     with torch.no_grad():
         model.head.weight.mul_(50)
-    save_state(folder, {"model": model.state_dict(), "model_name": "mvit_tiny", "num_classes": len(labels),
-                        "input_size": [8, 64, 64], "labels": labels, "mlflow_run_id": training_run_id,
-                        "config": {"data": DATA}})
+    save_state(
+        folder,
+        {
+            "model": model.state_dict(),
+            "model_name": "mvit_tiny",
+            "num_classes": len(labels),
+            "input_size": [8, 64, 64],
+            "labels": labels,
+            "mlflow_run_id": training_run_id,
+            "config": {"data": DATA},
+        },
+    )
     return folder
 
 
@@ -62,8 +78,9 @@ def _independent_scores(model: torch.nn.Module, path: str, clips: int) -> np.nda
 
 def _evaluation_run(tracking_db: Path) -> tuple[MlflowClient, object]:
     client = MlflowClient(f"sqlite:///{tracking_db}")
-    (run,) = client.search_runs([client.get_experiment_by_name("mvit").experiment_id],
-                                filter_string="tags.`mvit.kind` = 'evaluation'")
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("mvit").experiment_id], filter_string="tags.`mvit.kind` = 'evaluation'"
+    )
     return client, run
 
 
@@ -73,8 +90,17 @@ def test_evaluate_matches_an_independent_per_video_loop(ray_session, tmp_path, d
     training = client.create_run(client.create_experiment("mvit")).info.run_id
     labels = read_label_map(demo.label_map)
     checkpoint = _checkpoint(tmp_path / "checkpoint", labels, training)
-    assert evaluate.main([f"model={checkpoint}", f"data.test={demo.val_manifest}", "data.test_clips=3",
-                          f"mlflow.tracking_uri=sqlite:///{db}"]) == 0
+    assert (
+        evaluate.main(
+            [
+                f"model={checkpoint}",
+                f"data.test={demo.val_manifest}",
+                "data.test_clips=3",
+                f"mlflow.tracking_uri=sqlite:///{db}",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
 
     model = mvit.create_model("mvit_tiny", num_classes=8)
@@ -102,9 +128,16 @@ def test_evaluate_matches_an_independent_per_video_loop(ray_session, tmp_path, d
 def test_views_are_the_samplers_clips_and_crops(ray_session, tmp_path, clips, crops):
     path = write_indexed_video(tmp_path / "indexed.mp4", H264_BFRAMES_LONG_GOP)
     index = index_of([path])
-    rows = dataset.test_dataset(index, num_frames=8, sampling_rate=4, crop_size=32, short_side=32,
-                                num_temporal_clips=clips, num_spatial_crops=crops,
-                                skip_counter_name=f"views-{clips}x{crops}").take_all()
+    rows = dataset.test_dataset(
+        index,
+        num_frames=8,
+        sampling_rate=4,
+        crop_size=32,
+        short_side=32,
+        num_temporal_clips=clips,
+        num_spatial_crops=crops,
+        skip_counter_name=f"views-{clips}x{crops}",
+    ).take_all()
     assert sorted(row["view"] for row in rows) == list(range(clips * crops))
     info = probe(path)
     positions = uniform_clips(info.num_frames, info.fps, ClipSpec(8, 4), clips)
@@ -121,13 +154,22 @@ def test_a_corrupt_and_a_missing_video_are_named_and_left_out(ray_session, tmp_p
     corrupt = tmp_path / "corrupt.mp4"
     good = Path(manifest.column("path")[0].as_py()).read_bytes()
     corrupt.write_bytes(good[: len(good) // 3])
-    rows = manifest.to_pylist() + [{"path": str(corrupt), "label": 0}, {"path": str(tmp_path / "gone.mp4"), "label": 1}]
+    rows = [*manifest.to_pylist(), {"path": str(corrupt), "label": 0}, {"path": str(tmp_path / "gone.mp4"), "label": 1}]
     write_manifest(pa.Table.from_pylist(rows).select(["path", "label"]), tmp_path / "test.csv")
     checkpoint = _checkpoint(tmp_path / "checkpoint", read_label_map(demo.label_map))
     db = tmp_path / "mlflow.db"
-    assert evaluate.main([f"model={checkpoint}", f"data.test={tmp_path / 'test.csv'}", "data.test_clips=1",
-                          "data.allow_outside_root=true",
-                          f"mlflow.tracking_uri=sqlite:///{db}"]) == 0
+    assert (
+        evaluate.main(
+            [
+                f"model={checkpoint}",
+                f"data.test={tmp_path / 'test.csv'}",
+                "data.test_clips=1",
+                "data.allow_outside_root=true",
+                f"mlflow.tracking_uri=sqlite:///{db}",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert f"videos evaluated: {manifest.num_rows}" in printed
     assert "corrupt.mp4" in printed and "gone.mp4" in printed

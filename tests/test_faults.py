@@ -58,8 +58,11 @@ def write_noise_video(path: Path, num_frames: int = 240, size: tuple[int, int] =
     width, height = size
     rng = np.random.default_rng(0)
     with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=30, options={
-            "preset": "ultrafast", "crf": "5", "x264-params": f"keyint={num_frames}:scenecut=0:threads=1"})
+        stream = container.add_stream(
+            "libx264",
+            rate=30,
+            options={"preset": "ultrafast", "crf": "5", "x264-params": f"keyint={num_frames}:scenecut=0:threads=1"},
+        )
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.time_base = Fraction(1, 30)
         for _ in range(num_frames):
@@ -90,10 +93,17 @@ class DecoderKiller(threading.Thread):
 def test_a_decoder_that_kills_its_process_costs_one_video_not_the_epoch(ray_session, tmp_path):
     good = [write_indexed_video(tmp_path / f"good{number}.mp4", VideoSpec(num_frames=40)) for number in range(6)]
     crashing = write_noise_video(tmp_path / "crashing.mp4")
-    paths = good[:3] + [crashing] + good[3:]  # one task holds all: rows before the crash were already yielded
+    paths = [*good[:3], crashing, *good[3:]]  # one task holds all: rows before the crash were already yielded
     counter_name = f"faults-{uuid.uuid4().hex}"
-    clips = dataset.val_dataset(index_of(paths), num_frames=8, sampling_rate=2, crop_size=32, short_side=32,
-                                videos_per_task=len(paths), skip_counter_name=counter_name)
+    clips = dataset.val_dataset(
+        index_of(paths),
+        num_frames=8,
+        sampling_rate=2,
+        crop_size=32,
+        short_side=32,
+        videos_per_task=len(paths),
+        skip_counter_name=counter_name,
+    )
     counter = skip_counter(counter_name)
 
     killer = DecoderKiller(counter, str(crashing), DEATHS_BEFORE_SKIP)
@@ -110,8 +120,14 @@ def test_a_decoder_that_kills_its_process_costs_one_video_not_the_epoch(ray_sess
     reasons = ray.get(counter.reasons.remote())
     assert list(reasons) == [str(crashing)] and "decoding process died" in reasons[str(crashing)]
     assert ray.get(counter.total.remote()) == 1
-    summary("decoder-crash", injected=len(killer.killed), epochs_completed=2, videos_skipped_and_counted=1,
-            videos_lost=len(others) - len(set(first)), videos_duplicated=len(first) - len(set(first)))
+    summary(
+        "decoder-crash",
+        injected=len(killer.killed),
+        epochs_completed=2,
+        videos_skipped_and_counted=1,
+        videos_lost=len(others) - len(set(first)),
+        videos_duplicated=len(first) - len(set(first)),
+    )
 
 
 def test_a_decode_node_lost_mid_epoch_is_absorbed_by_retries(tmp_path):
@@ -121,9 +137,20 @@ def test_a_decode_node_lost_mid_epoch_is_absorbed_by_retries(tmp_path):
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     env.update(RAY_TMPDIR=str(ray_tmp), PYTHONPATH=str(REPO_ROOT))
     try:
-        done = subprocess.run([sys.executable, "-m", "tests.cluster_node_loss", str(tmp_path / "index.parquet"),
-                               str(tmp_path / "result.json")], cwd=REPO_ROOT, env=env, capture_output=True,
-                              text=True, timeout=300)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tests.cluster_node_loss",
+                str(tmp_path / "index.parquet"),
+                str(tmp_path / "result.json"),
+            ],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     finally:
         leftovers_after(ray_tmp, grace=10)
         shutil.rmtree(ray_tmp, ignore_errors=True)
@@ -131,9 +158,14 @@ def test_a_decode_node_lost_mid_epoch_is_absorbed_by_retries(tmp_path):
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["decodes_under_way_at_loss"] >= 1
     assert sorted(result["labels"]) == list(range(len(videos))) and not result["skipped"]
-    summary("decode-node-loss", injected=1, epochs_completed=1, decodes_cut_off=result["decodes_under_way_at_loss"],
-            videos_lost=len(videos) - len(set(result["labels"])),
-            videos_duplicated=len(result["labels"]) - len(set(result["labels"])))
+    summary(
+        "decode-node-loss",
+        injected=1,
+        epochs_completed=1,
+        decodes_cut_off=result["decodes_under_way_at_loss"],
+        videos_lost=len(videos) - len(set(result["labels"])),
+        videos_duplicated=len(result["labels"]) - len(set(result["labels"])),
+    )
 
 
 # ---- training runs ----------------------------------------------------------------------------------------------
@@ -175,17 +207,31 @@ def add_unusable_videos(manifest: Path) -> tuple[str, ...]:
 def demo(ray_session, tmp_path_factory) -> Demo:
     made = make_demo_dataset(tmp_path_factory.mktemp("demo"), seed=0, num_classes=4, videos_per_class=16)
     unusable = add_unusable_videos(made.train_manifest)
-    return Demo(index.build_index(made.train_manifest, made.root / "train.parquet").path,
-                index.build_index(made.val_manifest, made.root / "val.parquet").path, made.label_map, unusable)
+    return Demo(
+        index.build_index(made.train_manifest, made.root / "train.parquet").path,
+        index.build_index(made.val_manifest, made.root / "val.parquet").path,
+        made.label_map,
+        unusable,
+    )
 
 
 def run_overrides(root: Path, demo: Demo, *extra: str) -> list[str]:
     """A 2-worker mvit_tiny run on the demo, a checkpoint every CHECKPOINT_EVERY steps, a train/loss at every step."""
-    return [f"data.train={demo.train}", f"data.val={demo.val}", f"data.labels={demo.labels}",
-            f"run.storage_path={root / 'runs'}", "run.name=faults",
-            f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}",
-            "mlflow.system_metrics=false", "mlflow.log_models=false", "train.batch_size=4", "train.lr=4e-3",
-            "train.log_every_steps=1", f"train.checkpoint_every_steps={CHECKPOINT_EVERY}", *extra]
+    return [
+        f"data.train={demo.train}",
+        f"data.val={demo.val}",
+        f"data.labels={demo.labels}",
+        f"run.storage_path={root / 'runs'}",
+        "run.name=faults",
+        f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}",
+        "mlflow.system_metrics=false",
+        "mlflow.log_models=false",
+        "train.batch_size=4",
+        "train.lr=4e-3",
+        "train.log_every_steps=1",
+        f"train.checkpoint_every_steps={CHECKPOINT_EVERY}",
+        *extra,
+    ]
 
 
 def latest_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
@@ -213,8 +259,11 @@ def wait_for_checkpoint(run_dir: Path, step: int, process: subprocess.Popen, tim
 
 def train_worker_pids(driver_pid: int) -> list[int]:
     """Ray Train worker processes under this driver (they descend from the raylet the driver started)."""
-    return sorted(child.pid for child in psutil.Process(driver_pid).children(recursive=True)
-                  if " ".join(child.cmdline()).startswith("ray::RayTrainWorker"))
+    return sorted(
+        child.pid
+        for child in psutil.Process(driver_pid).children(recursive=True)
+        if " ".join(child.cmdline()).startswith("ray::RayTrainWorker")
+    )
 
 
 def processes_of(ray_tmp: Path) -> list[psutil.Process]:
@@ -273,8 +322,13 @@ def driver(overrides: list[str], ray_tmp: Path, log: Path) -> Iterator[subproces
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     env["RAY_TMPDIR"] = str(ray_tmp)
     with open(log, "w") as output:
-        process = subprocess.Popen([sys.executable, "-m", "jobs.train", *overrides], cwd=REPO_ROOT, env=env,
-                                   stdout=output, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "jobs.train", *overrides],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
     try:
         yield process
     finally:
@@ -333,8 +387,14 @@ def test_a_dead_training_worker_costs_no_step_and_the_run_finishes(driver_scenar
     assert sorted(epochs) == [float(epoch) for epoch in range(1, EPOCHS + 1)]
     top1 = [m.value for m in sorted(client.get_metric_history(scenario.first_run_id, "val/top1"), key=lambda m: m.step)]
     assert len(top1) == EPOCHS and top1[-1] >= ACCURACY_FLOOR, top1
-    summary("worker-kill", injected=1, runs_completed=1, steps_lost=lost, steps_duplicated=duplicated,
-            final_val_top1_pct=round(top1[-1] * 100))
+    summary(
+        "worker-kill",
+        injected=1,
+        runs_completed=1,
+        steps_lost=lost,
+        steps_duplicated=duplicated,
+        final_val_top1_pct=round(top1[-1] * 100),
+    )
 
 
 def test_unusable_videos_are_left_out_of_a_run_and_listed(driver_scenario, demo):
@@ -343,8 +403,7 @@ def test_unusable_videos_are_left_out_of_a_run_and_listed(driver_scenario, demo)
         listed = Path(client.download_artifacts(driver_scenario.first_run_id, "excluded_videos.tsv", folder))
         rows = dict(line.split("\t") for line in listed.read_text().splitlines())
     assert sorted(rows) == sorted(demo.unusable) and all(rows.values())
-    summary("unusable-videos-in-a-run", injected=len(demo.unusable), left_out_and_listed=len(rows),
-            runs_completed=1)
+    summary("unusable-videos-in-a-run", injected=len(demo.unusable), left_out_and_listed=len(rows), runs_completed=1)
 
 
 def test_a_dead_driver_resumes_when_the_same_command_runs_again(driver_scenario):
@@ -358,9 +417,16 @@ def test_a_dead_driver_resumes_when_the_same_command_runs_again(driver_scenario)
     client = MlflowClient(f"sqlite:///{scenario.root / 'mlflow.db'}")
     lost, duplicated = step_faults(client, scenario.first_run_id, "train/loss", EPOCHS * STEPS_PER_EPOCH)
     assert (lost, duplicated) == (0, 0)
-    summary("driver-kill", injected=1, runs_completed=1, same_mlflow_run=1, steps_lost=lost,
-            steps_duplicated=duplicated, leftover_ray_processes=len(scenario.leftover_processes),
-            resumed_from_step=scenario.resumed_from_step)
+    summary(
+        "driver-kill",
+        injected=1,
+        runs_completed=1,
+        same_mlflow_run=1,
+        steps_lost=lost,
+        steps_duplicated=duplicated,
+        leftover_ray_processes=len(scenario.leftover_processes),
+        resumed_from_step=scenario.resumed_from_step,
+    )
 
 
 # ---- numerics ---------------------------------------------------------------------------------------------------
@@ -448,9 +514,13 @@ def test_fp16_overflow_and_non_finite_steps_are_skipped_until_too_many(ray_sessi
     cfg = resolve_paths(load_config(overrides=run_overrides(tmp_path, demo, "train.max_bad_steps=2")), tmp_path)
     run_id = tracking.get_or_create_run(cfg.mlflow.tracking_uri, "mvit", "numerics", "numerics")
     built = build_trainer(cfg, plan_data(cfg), run_id)
-    local = TorchTrainer(numeric_faults_in_one_process, train_loop_config=built.train_loop_config,
-                         datasets=built.datasets, scaling_config=ScalingConfig(num_workers=0),
-                         run_config=RunConfig(storage_path=str(tmp_path / "runs")))
+    local = TorchTrainer(
+        numeric_faults_in_one_process,
+        train_loop_config=built.train_loop_config,
+        datasets=built.datasets,
+        scaling_config=ScalingConfig(num_workers=0),
+        run_config=RunConfig(storage_path=str(tmp_path / "runs")),
+    )
     found = local.fit().return_value
     assert found["overflow_steps_skipped"] >= 1
     for precision in ("bf16", "fp32"):
@@ -466,8 +536,16 @@ def test_non_finite_losses_stop_a_run_in_one_line_and_leave_the_checkpoints_inta
     before = {path: path.read_bytes() for path in run_dir.glob("checkpoint_*/state.pt")}
     _, last_good = latest_checkpoint(run_dir)
     epoch, step = last_good["loop"]["epoch"], last_good["loop"]["step"]
-    cfg = load_config(overrides=[*driver_scenario.overrides, f"train.epochs={epoch + 1}", "train.lr=1e30",
-                                 "train.precision=bf16", "train.max_bad_steps=3", "scaling.max_failures=0"])
+    cfg = load_config(
+        overrides=[
+            *driver_scenario.overrides,
+            f"train.epochs={epoch + 1}",
+            "train.lr=1e30",
+            "train.precision=bf16",
+            "train.max_bad_steps=3",
+            "scaling.max_failures=0",
+        ]
+    )
     with pytest.raises(NonFiniteLossError) as raised:
         run_training(cfg)
     message = str(raised.value)
@@ -481,8 +559,14 @@ def test_non_finite_losses_stop_a_run_in_one_line_and_leave_the_checkpoints_inta
         assert all(torch.isfinite(tensor).all() for tensor in state["model"].values())
     client = MlflowClient(f"sqlite:///{driver_scenario.root / 'mlflow.db'}")
     assert client.get_run(driver_scenario.first_run_id).info.status == "FAILED"
-    summary("non-finite-run", injected=1, runs_stopped_with_one_line_error=1, stopped_at_step=stopped_at,
-            checkpoints_changed=sum(after[path] != before[path] for path in after), checkpoints_lost=0)
+    summary(
+        "non-finite-run",
+        injected=1,
+        runs_stopped_with_one_line_error=1,
+        stopped_at_step=stopped_at,
+        checkpoints_changed=sum(after[path] != before[path] for path in after),
+        checkpoints_lost=0,
+    )
 
 
 # ---- checkpoints and security -----------------------------------------------------------------------------------
@@ -518,8 +602,13 @@ def test_a_crash_mid_write_never_leaves_a_checkpoint_that_loads_as_valid(tmp_pat
         load_state(fresh)
     assert (rewritten / STATE_FILE).read_bytes() == good
     assert load_state(rewritten)["loop"] == {"epoch": 1}
-    summary("checkpoint-crash-mid-write", injected=2, partial_bytes_written=min(written), loaded_as_valid=0,
-            previous_checkpoints_lost=0)
+    summary(
+        "checkpoint-crash-mid-write",
+        injected=2,
+        partial_bytes_written=min(written),
+        loaded_as_valid=0,
+        previous_checkpoints_lost=0,
+    )
 
 
 def torch_load_calls(root: Path) -> list[tuple[str, bool]]:
@@ -528,8 +617,9 @@ def torch_load_calls(root: Path) -> list[tuple[str, bool]]:
     for path in root.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
-                safe = any(keyword.arg == "weights_only" and ast.unparse(keyword.value) == "True"
-                           for keyword in node.keywords)
+                safe = any(
+                    keyword.arg == "weights_only" and ast.unparse(keyword.value) == "True" for keyword in node.keywords
+                )
                 calls.append((f"{path.relative_to(REPO_ROOT)}:{node.lineno}", safe))
     return calls
 

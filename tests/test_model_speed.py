@@ -18,7 +18,7 @@ class AtenLog(TorchDispatchMode):
         super().__init__()
         self.calls: list[tuple[str, list[torch.dtype]]] = []
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's protocol
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.calls.append((str(func), [a.dtype for a in args if isinstance(a, torch.Tensor)]))
         return func(*args, **(kwargs or {}))
 
@@ -53,7 +53,7 @@ def test_activation_checkpointing_recomputes_blocks_and_keeps_gradients() -> Non
     gradients, block_calls = [], []
     for model in (plain, checkpointed):
         calls = []
-        model.blocks[1].register_forward_pre_hook(lambda module, inputs: calls.append(1))
+        model.blocks[1].register_forward_pre_hook(lambda module, inputs, calls=calls: calls.append(1))
         F.cross_entropy(model.train()(clip), labels).backward()
         gradients.append({name: p.grad for name, p in model.named_parameters()})
         block_calls.append(len(calls))
@@ -94,6 +94,9 @@ def test_sdpa_backends_reports_every_block_of_mvit_tiny_on_cpu() -> None:
     for block in report:
         assert block.chosen == "FLASH_ATTENTION"
         assert block.usable == {
-            "FLASH_ATTENTION": True, "EFFICIENT_ATTENTION": False, "CUDNN_ATTENTION": False, "MATH": True
+            "FLASH_ATTENTION": True,
+            "EFFICIENT_ATTENTION": False,
+            "CUDNN_ATTENTION": False,
+            "MATH": True,
         }
         assert block.reasons["EFFICIENT_ATTENTION"] == "no cpu kernel"

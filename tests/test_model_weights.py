@@ -113,8 +113,14 @@ def test_torchvision_layout_from_torchvision_module(clip: torch.Tensor, tmp_path
     ]
     torch.manual_seed(0)
     reference = MViT(
-        spatial_size=(64, 64), temporal_size=8, block_setting=settings, residual_pool=False,
-        residual_with_cls_embed=False, rel_pos_embed=False, proj_after_attn=False, num_classes=6,
+        spatial_size=(64, 64),
+        temporal_size=8,
+        block_setting=settings,
+        residual_pool=False,
+        residual_with_cls_embed=False,
+        rel_pos_embed=False,
+        proj_after_attn=False,
+        num_classes=6,
     ).eval()
     torch.save(reference.state_dict(), tmp_path / "torchvision.pth")
     model = mvit.load_pretrained(fresh_tiny(), tmp_path / "torchvision.pth", "torchvision")
@@ -166,7 +172,11 @@ def test_pytorchvideo_image_model_with_2d_patch_conv(tmp_path: Path) -> None:
     """pytorchvideo's image MViT embeds patches with a Conv2d; it becomes a one-frame Conv3d."""
     config = mvit.MViTConfig(
         blocks=mvit.multiscale_blocks(16, (1, 1), (1, 2, 2), pool_kernel=(1, 3, 3)),
-        input_size=(1, 32, 32), num_classes=5, patch_kernel=(1, 7, 7), patch_stride=(1, 4, 4), patch_padding=(0, 3, 3),
+        input_size=(1, 32, 32),
+        num_classes=5,
+        patch_kernel=(1, 7, 7),
+        patch_stride=(1, 4, 4),
+        patch_padding=(0, 3, 3),
     )
     torch.manual_seed(0)
     source, target = mvit.MViT(config).eval(), mvit.MViT(config).eval()

@@ -58,7 +58,7 @@ def test_a_video_shorter_than_a_clip_is_clamped_and_says_so() -> None:
     rng = np.random.default_rng(0)
     clip = random_clip(50, 30.0, SPEC_16x4, rng)  # needs 61 frames
     assert clip.clamped
-    assert clip.indices.tolist() == OFFSETS_30[:13] + [49, 49, 49]
+    assert clip.indices.tolist() == [*OFFSETS_30[:13], 49, 49, 49]
     assert all(clip.clamped for clip in uniform_clips(50, 30.0, SPEC_16x4, 5))
     assert not random_clip(61, 30.0, SPEC_16x4, rng).clamped
 
@@ -69,7 +69,7 @@ def test_a_segment_offsets_indices_and_bounds_them() -> None:
     rng = np.random.default_rng(1)
     for _ in range(200):
         indices = random_clip(count, 30.0, SPEC_16x4, rng, first_frame=first).indices
-        assert 60 <= indices.min() and indices.max() < 150
+        assert indices.min() >= 60 and indices.max() < 150
     assert segment_frames(300, 30.0, None, None) == (0, 300)
     assert segment_frames(300, 30.0, 9.0, 20.0) == (270, 30)
 

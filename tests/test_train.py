@@ -25,12 +25,19 @@ def demo(tmp_path_factory):
 
 
 def small_run(tmp_path: Path, demo, *overrides: str):
-    return load_config(overrides=[
-        f"data.train={demo.train_manifest}", f"data.val={demo.val_manifest}",
-        f"run.storage_path={tmp_path / 'runs'}", "run.name=test",
-        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "mlflow.system_metrics=false",
-        "train.batch_size=4", "train.log_every_steps=1", *overrides,
-    ])
+    return load_config(
+        overrides=[
+            f"data.train={demo.train_manifest}",
+            f"data.val={demo.val_manifest}",
+            f"run.storage_path={tmp_path / 'runs'}",
+            "run.name=test",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "mlflow.system_metrics=false",
+            "train.batch_size=4",
+            "train.log_every_steps=1",
+            *overrides,
+        ]
+    )
 
 
 def metric_history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -47,16 +54,25 @@ def test_two_workers_train_and_track(ray_session, tmp_path, demo):
     losses = [value for _, value in metric_history(client, outcome.run_id, "train/loss")]
     third = max(len(losses) // 3, 1)
     assert sum(losses[-third:]) / third < sum(losses[:third]) / third, losses
-    for key in ("train/lr", "train/clips_per_sec", "train/data_wait_frac", "val/loss", "val/top1", "val/top5",
-                "data/skipped_videos"):
+    for key in (
+        "train/lr",
+        "train/clips_per_sec",
+        "train/data_wait_frac",
+        "val/loss",
+        "val/top1",
+        "val/top5",
+        "data/skipped_videos",
+    ):
         assert metric_history(client, outcome.run_id, key), key
     assert [value for _, value in metric_history(client, outcome.run_id, "val/count")] == [8.0] * 3
     steps = [step for step, _ in metric_history(client, outcome.run_id, "train/loss")]
     assert steps == sorted(set(steps)), "a step logged twice"
     artifacts = {a.path for a in client.list_artifacts(outcome.run_id)}
     assert {"config.yaml", "labels.txt", "curves"} <= artifacts
-    assert {a.path for a in client.list_artifacts(outcome.run_id, "curves")} == {"curves/loss.png",
-                                                                                 "curves/accuracy.png"}
+    assert {a.path for a in client.list_artifacts(outcome.run_id, "curves")} == {
+        "curves/loss.png",
+        "curves/accuracy.png",
+    }
     logged = {m.name for m in client.search_logged_models([run.info.experiment_id])}
     assert {"model", "best_model"} <= logged
 
@@ -80,8 +96,11 @@ def _collect_labels(config: dict) -> None:
     """Each worker writes the labels (here: one distinct label per video) it saw in each split."""
     rank = ray.train.get_context().get_world_rank()
     for split in ("train", "val"):
-        seen = [int(label) for batch in ray.train.get_dataset_shard(split).iter_batches(batch_size=2)
-                for label in batch["label"]]
+        seen = [
+            int(label)
+            for batch in ray.train.get_dataset_shard(split).iter_batches(batch_size=2)
+            for label in batch["label"]
+        ]
         Path(config["out"], f"{split}-{rank}.txt").write_text(" ".join(map(str, seen)))
 
 
@@ -96,13 +115,17 @@ def test_workers_see_disjoint_shards_and_val_counts_every_video_once(ray_session
         train_loop_config={"out": str(tmp_path)},
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(name="shards", storage_path=str(tmp_path / "runs")),
-        datasets={"train": dataset.train_dataset(usable, short_side=(32, 40), **clip),
-                  "val": dataset.val_dataset(usable, short_side=32, **clip)},
+        datasets={
+            "train": dataset.train_dataset(usable, short_side=(32, 40), **clip),
+            "val": dataset.val_dataset(usable, short_side=32, **clip),
+        },
         dataset_config=ValidationSplit(datasets_to_split=["train"]),
     )
     trainer.fit()
-    seen = {name: [int(x) for x in (tmp_path / f"{name}.txt").read_text().split()]
-            for name in ("train-0", "train-1", "val-0", "val-1")}
+    seen = {
+        name: [int(x) for x in (tmp_path / f"{name}.txt").read_text().split()]
+        for name in ("train-0", "train-1", "val-0", "val-1")
+    }
     assert not set(seen["train-0"]) & set(seen["train-1"])
     assert len(seen["train-0"]) == len(seen["train-1"])  # equalised: DDP steps in lockstep
     assert sorted(seen["val-0"] + seen["val-1"]) == list(range(len(videos)))  # 9 videos, odd: none dropped

@@ -40,11 +40,19 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ("model.pretrained={root}/missing.pt", "model.pretrained {root}/missing.pt: no such file"),
     ],
 )
-def test_bad_data_or_settings_stop_training_in_one_line(ray_session, folder: Path, capsys, override: str,
-                                                        named: str) -> None:
-    code = train.main([f"data.train={folder}/good.csv", f"data.val={folder}/good.csv",
-                       f"data.labels={folder}/labels.txt", f"run.storage_path={folder}/runs",
-                       f"mlflow.tracking_uri=sqlite:///{folder}/mlflow.db", override.format(root=folder)])
+def test_bad_data_or_settings_stop_training_in_one_line(
+    ray_session, folder: Path, capsys, override: str, named: str
+) -> None:
+    code = train.main(
+        [
+            f"data.train={folder}/good.csv",
+            f"data.val={folder}/good.csv",
+            f"data.labels={folder}/labels.txt",
+            f"run.storage_path={folder}/runs",
+            f"mlflow.tracking_uri=sqlite:///{folder}/mlflow.db",
+            override.format(root=folder),
+        ]
+    )
     error = capsys.readouterr().err.strip()
     assert code == 1
     assert error.startswith("jobs.train: error: ") and "\n" not in error, error

@@ -42,7 +42,7 @@ def videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def _mixed_indices(num_frames: int, keyframes: tuple[int, ...]) -> list[int]:
     """Unsorted, with repeats, around every keyframe and at both ends."""
     around_keyframes = [index for keyframe in keyframes for index in (keyframe - 1, keyframe, keyframe + 1)]
-    chosen = [num_frames - 1, 7, 3, 7] + around_keyframes + [0, num_frames // 2, 3]
+    chosen = [num_frames - 1, 7, 3, 7, *around_keyframes, 0, num_frames // 2, 3]
     return [index for index in chosen if 0 <= index < num_frames]
 
 

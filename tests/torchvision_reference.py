@@ -22,6 +22,6 @@ def load_torchvision_mvit_v1_b() -> Callable[..., torch.nn.Module] | None:
     sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
     try:
         from torchvision.models.video import mvit_v1_b
-    except Exception:  # noqa: BLE001 - any import failure means "no reference available"
+    except Exception:
         return None
     return mvit_v1_b

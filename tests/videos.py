@@ -178,5 +178,9 @@ def index_of(paths: list[Path]) -> pa.Table:
     from pipeline.index import info_to_row
     from pipeline.video import probe
 
-    return pa.Table.from_pylist([{"path": str(path), "label": label, **info_to_row(probe(path, check_last_frame=True))}
-                                 for label, path in enumerate(paths)])
+    return pa.Table.from_pylist(
+        [
+            {"path": str(path), "label": label, **info_to_row(probe(path, check_last_frame=True))}
+            for label, path in enumerate(paths)
+        ]
+    )

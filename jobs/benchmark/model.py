@@ -23,7 +23,7 @@ import resource
 import statistics
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, nullcontext, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -276,10 +276,8 @@ class MemoryMeter:
 
 def _release_free_heap() -> None:
     """glibc's malloc_trim: give freed heap pages back, so that the next phase's RSS rise is its own."""
-    try:
+    with suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _proc_status_bytes(key: str) -> int | None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -43,9 +42,16 @@ def run(args: argparse.Namespace) -> int:
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
 
     def clips_and_seconds(num_clips: int) -> tuple[int, float]:
-        dataset = train_dataset(index, num_frames=args.num_frames, sampling_rate=args.sampling_rate,
-                                crop_size=args.crop_size, num_clips=num_clips, short_side=tuple(args.short_side),
-                                videos_per_task=len(paths), skip_counter_name=f"bench-{num_clips}")
+        dataset = train_dataset(
+            index,
+            num_frames=args.num_frames,
+            sampling_rate=args.sampling_rate,
+            crop_size=args.crop_size,
+            num_clips=num_clips,
+            short_side=tuple(args.short_side),
+            videos_per_task=len(paths),
+            skip_counter_name=f"bench-{num_clips}",
+        )
         start, clips = time.perf_counter(), 0
         for batch in dataset.iter_batches(batch_size=8, batch_format="numpy"):
             clips += len(batch["label"])
@@ -55,17 +61,27 @@ def run(args: argparse.Namespace) -> int:
     results = []
     for num_clips in args.num_clips:
         clips, seconds = clips_and_seconds(num_clips)
-        results.append({"num_clips": num_clips, "clips": clips, "seconds": round(seconds, 2),
-                        "clips_per_sec": round(clips / seconds, 2),
-                        "clips_per_sec_per_core": round(clips / seconds / args.cpus, 2)})
+        results.append(
+            {
+                "num_clips": num_clips,
+                "clips": clips,
+                "seconds": round(seconds, 2),
+                "clips_per_sec": round(clips / seconds, 2),
+                "clips_per_sec_per_core": round(clips / seconds / args.cpus, 2),
+            }
+        )
     ray.shutdown()
-    print(f"{len(index)} videos ({len(paths)} files × {args.repeat}), {args.num_frames}×{args.sampling_rate} clips, "
-          f"crop {args.crop_size}, short side {args.short_side[0]}-{args.short_side[1]}, {args.cpus} decode CPUs")
+    print(
+        f"{len(index)} videos ({len(paths)} files × {args.repeat}), {args.num_frames}×{args.sampling_rate} clips, "
+        f"crop {args.crop_size}, short side {args.short_side[0]}-{args.short_side[1]}, {args.cpus} decode CPUs"
+    )
     print(f"{'num_clips':>9} {'clips':>6} {'seconds':>8} {'clips/s':>8} {'per core':>9} {'vs first':>9}")
     for result in results:
         ratio = result["clips_per_sec"] / results[0]["clips_per_sec"]
-        print(f"{result['num_clips']:>9} {result['clips']:>6} {result['seconds']:>8} {result['clips_per_sec']:>8} "
-              f"{result['clips_per_sec_per_core']:>9} {ratio:>8.2f}×")
+        print(
+            f"{result['num_clips']:>9} {result['clips']:>6} {result['seconds']:>8} {result['clips_per_sec']:>8} "
+            f"{result['clips_per_sec_per_core']:>9} {ratio:>8.2f}×"
+        )
     if args.json:
         args.json.write_text(json.dumps({"videos": [str(p) for p in paths], "cpus": args.cpus, "results": results}))
     return 0
