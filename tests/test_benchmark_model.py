@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchvision_reference import load_torchvision_mvit_v1_b
 
 import mvit
 from jobs.benchmark import model as benchmark
+from jobs.benchmark.torchvision_reference import load_torchvision_mvit_v1_b
 
 FIGURES = ("median ms", "clips/s", "peak MiB", "GFLOP/step", "TFLOP/s", "MFU %")
 

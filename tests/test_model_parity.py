@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torchvision_reference import load_torchvision_mvit_v1_b
 
 import mvit
+from jobs.benchmark.torchvision_reference import load_torchvision_mvit_v1_b
 
 
 @torch.no_grad()

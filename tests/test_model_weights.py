@@ -92,7 +92,7 @@ def test_pyslowfast_and_pytorchvideo(
 
 def test_torchvision_layout_from_torchvision_module(clip: torch.Tensor, tmp_path: Path) -> None:
     """A torchvision MViT with mvit_tiny's blocks: its state dict loads and gives torchvision's logits."""
-    from torchvision_reference import load_torchvision_mvit_v1_b
+    from jobs.benchmark.torchvision_reference import load_torchvision_mvit_v1_b
 
     if load_torchvision_mvit_v1_b() is None:
         pytest.skip("torchvision is not importable")

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mvit
+from jobs.benchmark.torchvision_reference import load_torchvision_mvit_v1_b
 from mvit.pooling import POOL_MEMORY_FORMATS
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -318,10 +319,6 @@ def _torchvision_builder(args: argparse.Namespace, input_size: tuple[int, ...]) 
             f"torchvision: skipped; mvit_v1_b is the same network as mvit_b_16x4 only at 16×224² (its positional "
             f"embeddings are fixed), and this run is {args.preset} at {'×'.join(map(str, input_size))}"
         )
-    try:
-        from tests.torchvision_reference import load_torchvision_mvit_v1_b
-    except ImportError:
-        return None, "torchvision: skipped; the repository's tests/torchvision_reference.py is not importable"
     builder = load_torchvision_mvit_v1_b()
     if builder is None:
         return None, "torchvision: skipped; torchvision is not importable"

@@ -1,4 +1,4 @@
-"""torchvision's mvit_v1_b as a reference for parity tests and the CPU benchmark; never imported by ``mvit/``.
+"""torchvision's MViT as the independent reference of the benchmarks and parity tests; never imported by ``mvit/``.
 
 torchvision 0.28's C extension cannot load with the CPU-only torch of this project, and its import fails while
 registering meta kernels for those ops. A placeholder ``torchvision._meta_registrations`` module skips that step;
