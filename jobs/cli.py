@@ -1,14 +1,28 @@
-"""Shared command-line handling: `[--config FILE] key=value ...` into a validated config, or a one-line exit 2."""
+"""What every job shares: `[--config FILE] key=value ...` into a validated config, and the one error policy.
+
+A `UserError` (bad config, data, model, a run that stopped itself) ends a job with one line on stderr and the
+error kind's exit code; anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import load_config
+from pipeline.errors import UserError
+
+
+def run_job(prog: str, body: Callable[[], int]) -> int:
+    """Run a job's body; a user error becomes `prog: error: ...` on stderr and the exit code of its kind."""
+    try:
+        return body()
+    except UserError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return error.exit_code
 
 
 def config_or_exit(
@@ -16,9 +30,9 @@ def config_or_exit(
 ) -> DictConfig:
     try:
         return load_config(config_file, overrides, evaluation=evaluation)
-    except ConfigError as error:
+    except UserError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(error.exit_code) from None
 
 
 def parse_config(

@@ -2,7 +2,7 @@
 
 Each video is scored the way `jobs.evaluate` scores it (data.test_clips × data.test_crops views, softmax averaged),
 in this process: no Ray is needed. A file that is missing or does not decode is reported by name and skipped; the
-exit code is 1 if any was.
+exit code is then 3 (a data error).
 """
 
 from __future__ import annotations
@@ -14,7 +14,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from jobs.cli import config_or_exit, overridden_keys
+import torch
+from omegaconf import DictConfig
+
+from jobs.cli import config_or_exit, overridden_keys, run_job
+from pipeline.config import typed
+from pipeline.data.transforms import Normalise
+from pipeline.data.video import VideoDecodeError
+from pipeline.errors import DataError
+from pipeline.evaluation.loading import load_model
+from pipeline.evaluation.views import clip_settings, model_reference, video_views
 
 
 def _split(arguments: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -36,6 +45,28 @@ def _table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _score(videos: list[str], cfg: DictConfig, overrides: list[str]) -> tuple[str, list[dict[str, Any]]]:
+    """The model's description, and per video its top-k (label, probability) or the reason it was skipped."""
+    settings_cfg = typed(cfg)
+    loaded = load_model(model_reference(settings_cfg, Path.cwd()))
+    settings = clip_settings(settings_cfg, loaded, overridden_keys(overrides))
+    normalise = Normalise(settings.mean, settings.std)
+    top_k = min(cfg.top_k, len(loaded.labels))
+    results: list[dict[str, Any]] = []
+    for video in videos:
+        try:
+            views = video_views(video, settings, cfg.data.test_clips, cfg.data.test_crops)
+        except VideoDecodeError as error:
+            results.append({"video": video, "error": error.reason})
+            continue
+        with torch.inference_mode():
+            scores = torch.softmax(loaded.module(normalise(torch.from_numpy(views))).float(), dim=-1).mean(dim=0)
+        probabilities, classes = scores.topk(top_k)
+        top = [(loaded.labels[c], round(float(p), 6)) for p, c in zip(probabilities.tolist(), classes.tolist())]
+        results.append({"video": video, "top": top})
+    return loaded.description, results
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jobs.predict", description=__doc__)
     parser.add_argument("--config", help="a recipe YAML merged over the defaults in conf/")
@@ -46,51 +77,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not videos:
         parser.error("no video given")
     cfg = config_or_exit("jobs.predict", args.config, overrides, evaluation=True)
-    import torch  # after the config check: a bad key exits at once
 
-    from pipeline.inference import clip_settings, model_reference, video_views
-    from pipeline.model_source import ModelSourceError, load_model
-    from pipeline.train_loop import normalise
-    from pipeline.video import VideoDecodeError
+    def predict() -> int:
+        description, results = _score(videos, cfg, overrides)
+        if args.json:
+            shown = [
+                {**r, "top": [{"label": label, "probability": p} for label, p in r.get("top", [])]} for r in results
+            ]
+            print(json.dumps({"model": description, "results": shown}, indent=2))
+        else:
+            print(_table(results))
+        return DataError.exit_code if any("error" in r for r in results) else 0
 
-    try:
-        loaded = load_model(**model_reference(cfg, Path.cwd()))
-    except ModelSourceError as error:
-        print(f"jobs.predict: error: {error}", file=sys.stderr)
-        return 1
-    settings = clip_settings(cfg, loaded, overridden_keys(overrides))
-    mean = torch.tensor(settings.mean).view(1, 3, 1, 1, 1)
-    std = torch.tensor(settings.std).view(1, 3, 1, 1, 1)
-    top_k = min(cfg.top_k, len(loaded.labels))
-    results: list[dict[str, Any]] = []
-    for video in videos:
-        try:
-            views = video_views(video, settings, cfg.data.test_clips, cfg.data.test_crops)
-        except VideoDecodeError as error:
-            results.append({"video": video, "error": error.reason})
-            continue
-        with torch.inference_mode():
-            logits = loaded.module(normalise(torch.from_numpy(views), mean, std))
-            scores = torch.softmax(logits.float(), dim=-1).mean(dim=0)
-        probabilities, classes = scores.topk(top_k)
-        top = [(loaded.labels[c], round(float(p), 6)) for p, c in zip(probabilities.tolist(), classes.tolist())]
-        results.append({"video": video, "top": top})
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "model": loaded.description,
-                    "results": [
-                        {**r, "top": [{"label": label, "probability": p} for label, p in r.get("top", [])]}
-                        for r in results
-                    ],
-                },
-                indent=2,
-            )
-        )
-    else:
-        print(_table(results))
-    return 1 if any("error" in r for r in results) else 0
+    return run_job("jobs.predict", predict)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
     import  turn Kinetics CSVs, PySlowFast lists, Something-Something v2 JSON or class folders into a manifest
     index   probe every video of a manifest on the Ray cluster and write the Parquet index training reads
 
-Bad input ends with one line on stderr and exit status 2.
+Bad input ends with one line on stderr and the exit code of its kind (see the README).
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.demo import make_demo_dataset
-from pipeline.importers import Imported, import_folders, import_kinetics, import_pyslowfast, import_ssv2
-from pipeline.manifest import (
+from jobs.cli import run_job
+from pipeline.data.demo import make_demo_dataset
+from pipeline.data.importers import Imported, import_folders, import_kinetics, import_pyslowfast, import_ssv2
+from pipeline.data.manifest import (
     ManifestError,
     label_map_path,
     read_label_map,
@@ -23,15 +24,19 @@ from pipeline.manifest import (
     write_label_map,
     write_manifest,
 )
+from pipeline.errors import DataError
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        return args.command(args)
-    except (ManifestError, ValueError, OSError) as error:
-        print(f"prepare: error: {error}", file=sys.stderr)
-        return 2
+
+    def prepare() -> int:
+        try:
+            return args.command(args)
+        except OSError as error:  # a folder that can't be written, a file that can't be read
+            raise DataError(f"{error.filename}: {error.strerror}") from None
+
+    return run_job("jobs.prepare", prepare)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -99,13 +104,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _index(args: argparse.Namespace) -> int:
-    import ray
-
-    from pipeline.index import build_index
+    from pipeline.cluster import connect
+    from pipeline.data.index import build_index
 
     read_manifest(args.manifest, args.root, args.allow_outside_root)  # refuse a bad manifest before starting Ray
-    if not ray.is_initialized():
-        ray.init(address=args.address)
+    connect(args.address, None)
     summary = build_index(
         args.manifest,
         args.out,

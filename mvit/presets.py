@@ -81,7 +81,7 @@ def _mvit_s_16x4() -> MViTConfig:
     """The paper's MViT-S (Table 3c): cube₁ 3×8×8 with stride 2×8×8 to 128×8×28², then stages
     [MHPA(128), MLP(512)]×3 → [MHPA(256), MLP(1024)]×7 → [MHPA(512), MLP(2048)]×6, i.e. no 56² stage.
 
-    Not stated in the paper, and chosen here (see the README's preset notes):
+    Not stated in the paper, and chosen here (BENCHMARKS.md discusses the choices):
     - scale₂ depth 3: the digit is lost in common renderings of the table; 3 gives 16 blocks like MViT-B and the
       count closest to the published 26.1M (26.04M; 2 or 4 blocks give 25.83M or 26.24M).
     - heads 1 → 2 → 4 (head dim 128): the paper's rule "h = 1 in the first stage, doubled with the channels".

@@ -16,15 +16,12 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from conf import CONF_DIR
+from mvit import SOURCES as PRETRAINED_SOURCES
+from pipeline.errors import ConfigError
+from pipeline.precision import PRECISIONS
 
 DEFAULT_CONFIG = CONF_DIR / "default.yaml"
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 CROP_MODES = ("short_side_jitter", "inception")
-PRETRAINED_SOURCES = ("native", "torchvision", "pyslowfast", "pytorchvideo")
-
-
-class ConfigError(ValueError):
-    """A configuration problem, with a one-line message that names the key."""
 
 
 @dataclass
@@ -77,6 +74,7 @@ class DataConfig:
     cpus_per_task: float = MISSING
     decode_concurrency: int = MISSING
     decode_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per decode task
+    videos_per_task: int = MISSING  # videos each training/validation decode task takes
     prefetch_batches: int = MISSING
     mean: list[float] = field(default_factory=lambda: [MISSING] * 3)
     std: list[float] = field(default_factory=lambda: [MISSING] * 3)
@@ -151,6 +149,8 @@ class EvaluateConfig:
     replicas: int = MISSING
     use_gpu: bool = MISSING
     cpus_per_replica: float = MISSING
+    precision: str = MISSING  # as train.precision; auto: bf16 on GPU replicas, fp32 on CPU
+    videos_per_task: int = MISSING  # videos each decode task cuts views from
 
 
 @dataclass
@@ -222,6 +222,7 @@ def _check_choices(cfg: DictConfig, evaluation: bool) -> None:
     choices = {"data.augment.crop": (cfg.data.augment.crop, CROP_MODES)}
     if evaluation:
         choices["model_source"] = (cfg.model_source, ("auto", *PRETRAINED_SOURCES))
+        choices["evaluate.precision"] = (cfg.evaluate.precision, PRECISIONS)
     else:
         choices["train.precision"] = (cfg.train.precision, PRECISIONS)
         choices["model.pretrained_source"] = (cfg.model.pretrained_source, PRETRAINED_SOURCES)
@@ -251,9 +252,9 @@ def _check_choices(cfg: DictConfig, evaluation: bool) -> None:
         raise ConfigError(f"config key 'scaling.max_failures': must be >= -1, got {cfg.scaling.max_failures}")
 
 
-def to_container(cfg: DictConfig) -> dict[str, Any]:
-    """A plain, picklable dict of the resolved config, for Ray workers and MLflow."""
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+def typed(cfg: DictConfig) -> TrainingJobConfig | EvaluationJobConfig:
+    """The resolved config as the schema's dataclasses: what the driver, the workers and the components take."""
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:

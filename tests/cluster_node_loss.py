@@ -19,8 +19,10 @@ import uuid
 import ray
 from ray.cluster_utils import Cluster
 
-from pipeline import dataset
-from pipeline.skips import skip_counter
+from pipeline.data import dataset
+from pipeline.data.sampling import ClipSpec
+from pipeline.data.skips import skip_counter
+from tests.clips import decode_tasks, train_transform
 
 NODE_MEMORY = {"object_store_memory": 100 * 1024**2}
 DECODE_NODE = {"num_cpus": 2, "resources": {"decode": 2}, **NODE_MEMORY}
@@ -29,7 +31,7 @@ DECODE_NODE = {"num_cpus": 2, "resources": {"decode": 2}, **NODE_MEMORY}
 def lose_node_while_decoding(cluster: Cluster, node: ray._private.node.Node, counter: ray.actor.ActorHandle) -> int:
     """Remove `node` as soon as the skip counter shows a decode under way (all decodes run there), then replace it
     (from the main thread: starting a node installs signal handlers). Returns how many decodes were under way."""
-    while not (in_progress := ray.get(counter.in_progress.remote())):
+    while not (in_progress := ray.get(counter.__ray_call__.remote(lambda counter: dict(counter._decoding)))):
         time.sleep(0.002)
     cluster.remove_node(node, allow_graceful=False)
     cluster.add_node(**DECODE_NODE)
@@ -41,16 +43,10 @@ def main(index: str, out: str) -> None:
     try:
         ray.init(address=cluster.address, log_to_driver=False)
         counter_name = f"node-loss-{uuid.uuid4().hex}"
-        clips = dataset.train_dataset(
-            index,
-            num_frames=8,
-            sampling_rate=2,
-            crop_size=32,
-            short_side=(32, 40),
-            resources={"decode": 1},
-            videos_per_task=1,
-            skip_counter_name=counter_name,
-        )
+        tasks = decode_tasks(resources={"decode": 1}, videos_per_task=1, skip_counter=counter_name)
+        transform = train_transform(short_side=(32, 40))
+        spec = ClipSpec(8, 2, 30.0)
+        clips = dataset.train_dataset(index, spec=spec, transform=transform, num_clips=1, tasks=tasks)
         counter = skip_counter(counter_name)  # on the head: the dataset above created it before the node joined
         doomed = cluster.add_node(**DECODE_NODE)
         labels: list[int] = []

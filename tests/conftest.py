@@ -1,15 +1,24 @@
-"""Shared fixtures: one real local Ray per test session, shared data location, temporary MLflow stores."""
+"""Shared fixtures: one real local Ray per test session, the demo dataset, training overrides, MLflow stores.
+
+Lanes: every test that uses `ray_session` (directly or through another fixture) or is marked `ray`, `cluster` or
+`faults` starts Ray; `slow` ones (torch.compile's code generation) take long without it; every other test is marked
+`unit` here, so `pytest -m unit` is the fast loop.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from pipeline.data.demo import DemoDataset, make_demo_dataset
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 SHARED_REFERENCE = REPO_ROOT.parent / "shared" / "reference"
+NOT_UNIT = ("ray", "cluster", "faults", "slow")
 
 
 @pytest.fixture(scope="session")
@@ -39,6 +48,50 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def make_demo(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., DemoDataset]:
+    """`make_demo(**settings)`: a demo dataset of `make_demo_dataset`, written once per session per settings."""
+    made: dict[tuple, DemoDataset] = {}
+
+    def make(**settings: object) -> DemoDataset:
+        key = tuple(sorted(settings.items()))
+        if key not in made:
+            made[key] = make_demo_dataset(tmp_path_factory.mktemp("demo"), **settings)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def demo(make_demo: Callable[..., DemoDataset]) -> DemoDataset:
+    """The small demo most tests share: 8 classes, 4 training videos and 1 validation video each."""
+    return make_demo(seed=0, videos_per_class=5)
+
+
+def _training_overrides(root: Path, train: Path | str, val: Path | str, *extra: str) -> list[str]:
+    """`key=value`s of a small 2-worker mvit_tiny run on these manifests (or indexes), writing under `root`.
+
+    Batches of 4, a train/loss at every step, no system metrics; `extra` overrides win (the last of a key counts).
+    """
+    return [
+        f"data.train={train}",
+        f"data.val={val}",
+        f"run.storage_path={root / 'runs'}",
+        "run.name=test",
+        f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}",
+        "mlflow.system_metrics=false",
+        "train.batch_size=4",
+        "train.log_every_steps=1",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="session")
+def run_overrides() -> Callable[..., list[str]]:
+    """`run_overrides(root, train, val, *extra)`: see :func:`_training_overrides`."""
+    return _training_overrides
+
+
 @pytest.fixture()
 def mlflow_uri(tmp_path: Path) -> str:
     """A fresh sqlite MLflow store for one test."""
@@ -46,8 +99,11 @@ def mlflow_uri(tmp_path: Path) -> str:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests that start their own cluster with `ray start` run first: `ray stop` ends every Ray on the machine,
-    so they must finish before this session's own local Ray starts."""
+    """Mark the unit lane, and run the tests that start their own cluster with `ray start` first: `ray stop` ends
+    every Ray on the machine, so they must finish before this session's own local Ray starts."""
+    for item in items:
+        if "ray_session" not in item.fixturenames and not any(item.get_closest_marker(m) for m in NOT_UNIT):
+            item.add_marker(pytest.mark.unit)
     items.sort(key=lambda item: item.get_closest_marker("cluster") is None)
 
 

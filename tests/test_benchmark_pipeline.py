@@ -6,10 +6,13 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO_ROOT
 from tests.videos import H264_BFRAMES_LONG_GOP, write_indexed_video
 
 
+@pytest.mark.ray
 def test_pipeline_benchmark_reports_clips_per_core_for_each_setting(tmp_path):
     video = write_indexed_video(tmp_path / "video.mp4", H264_BFRAMES_LONG_GOP)
     out = tmp_path / "figures.json"

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pipeline.checkpointing import STATE_FILE, CheckpointError, load_state, save_state
+from pipeline.checkpoints import STATE_FILE, CheckpointError, load_state, save_state
 
 pytestmark = pytest.mark.faults  # torn and foreign checkpoints: part of the fault suite (`pytest -m faults`)
 

@@ -4,8 +4,9 @@ import subprocess
 import sys
 
 import pytest
+from omegaconf import OmegaConf
 
-from pipeline.config import ConfigError, flatten, load_config, to_container
+from pipeline.config import ConfigError, flatten, load_config
 from tests.conftest import REPO_ROOT
 
 REQUIRED_KEYS = [
@@ -34,7 +35,7 @@ REQUIRED_KEYS = [
 
 
 def test_default_config_has_every_required_key():
-    flat = flatten(to_container(load_config()))
+    flat = flatten(OmegaConf.to_container(load_config()))
     assert set(REQUIRED_KEYS) <= set(flat)
 
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from jobs.prepare import main
-from pipeline.demo import MOTIONS, OUTLINE_REACH, make_demo_dataset, motion_path
-from pipeline.manifest import read_label_map, read_manifest
-from pipeline.video import probe
+from pipeline.data.demo import MOTIONS, OUTLINE_REACH, make_demo_dataset, motion_path
+from pipeline.data.manifest import read_label_map, read_manifest
+from pipeline.data.video import probe
 
 SMALL = {"videos_per_class": 5, "size": 32, "num_frames": 12}
 

@@ -15,14 +15,14 @@ from mlflow.tracking import MlflowClient
 
 import mvit
 from jobs import evaluate, predict
-from pipeline import dataset
-from pipeline.checkpointing import save_state
-from pipeline.demo import make_demo_dataset
-from pipeline.evaluation_logging import EVALUATES_TAG
-from pipeline.manifest import read_label_map, read_manifest, write_manifest
-from pipeline.sampling import ClipSpec, uniform_clips
-from pipeline.transforms import EvalTransform
-from pipeline.video import decode_frames, probe
+from pipeline.checkpoints import save_state
+from pipeline.data import dataset
+from pipeline.data.manifest import read_label_map, read_manifest, write_manifest
+from pipeline.data.sampling import ClipSpec, uniform_clips
+from pipeline.data.transforms import EvalTransform
+from pipeline.data.video import decode_frames, probe
+from pipeline.tracking.evaluation import EVALUATES_TAG
+from tests.clips import decode_tasks, eval_transform
 from tests.videos import H264_BFRAMES_LONG_GOP, index_of, sequential_frames, write_indexed_video
 
 DATA = {
@@ -55,11 +55,6 @@ def _checkpoint(folder: Path, labels: list[str], training_run_id: str | None = N
         },
     )
     return folder
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    return make_demo_dataset(tmp_path_factory.mktemp("demo"), seed=1, videos_per_class=3, val_fraction=0.34)
 
 
 def _independent_scores(model: torch.nn.Module, path: str, clips: int) -> np.ndarray:
@@ -128,24 +123,20 @@ def test_evaluate_matches_an_independent_per_video_loop(ray_session, tmp_path, d
 def test_views_are_the_samplers_clips_and_crops(ray_session, tmp_path, clips, crops):
     path = write_indexed_video(tmp_path / "indexed.mp4", H264_BFRAMES_LONG_GOP)
     index = index_of([path])
+    spec = ClipSpec(8, 4, 30.0)
+    tasks = decode_tasks(videos_per_task=4)
     rows = dataset.test_dataset(
-        index,
-        num_frames=8,
-        sampling_rate=4,
-        crop_size=32,
-        short_side=32,
-        num_temporal_clips=clips,
-        num_spatial_crops=crops,
-        skip_counter_name=f"views-{clips}x{crops}",
-    ).take_all()
+        index, spec=spec, transform=eval_transform(num_crops=crops), num_clips=clips, tasks=tasks
+    )
+    rows = rows.take_all()
     assert sorted(row["view"] for row in rows) == list(range(clips * crops))
     info = probe(path)
-    positions = uniform_clips(info.num_frames, info.fps, ClipSpec(8, 4), clips)
+    positions = uniform_clips(info.num_frames, info.fps, spec, clips)
     starts = [clip.indices[0] for clip in positions]
     assert starts == sorted(starts) and len(set(starts)) == clips  # spread over the video, in order
     for row in rows:
         clip, crop = divmod(row["view"], crops)
-        expected = EvalTransform(32, 32, crops)(decode_frames(path, positions[clip].indices))[crop]
+        expected = eval_transform(num_crops=crops)(decode_frames(path, positions[clip].indices))[crop]
         np.testing.assert_array_equal(row["clip"], expected)
 
 
@@ -192,13 +183,13 @@ def test_predict_prints_five_labels_for_each_shared_video(tmp_path, shared_video
         assert probabilities == sorted(probabilities, reverse=True) and 0 < sum(probabilities) <= 1 + 1e-6
 
     missing = str(tmp_path / "missing.mp4")
-    assert predict.main([videos[0], missing, f"model={checkpoint}", "data.test_clips=1", "top_k=3"]) == 1
+    assert predict.main([videos[0], missing, f"model={checkpoint}", "data.test_clips=1", "top_k=3"]) == 3
     table = capsys.readouterr().out
     assert missing in table and "error:" in table and table.count("  1. ") == 1 and "  3. " in table
 
 
 def test_predict_names_a_missing_model_in_one_line(tmp_path, demo, capsys):
     video = read_manifest(demo.val_manifest).column("path")[0].as_py()
-    assert predict.main([video, f"model={tmp_path / 'nowhere.pt'}"]) == 1
+    assert predict.main([video, f"model={tmp_path / 'nowhere.pt'}"]) == 4
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and "nowhere.pt" in error

@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
@@ -36,13 +36,16 @@ from mlflow.tracking import MlflowClient
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from pipeline import dataset, index, tracking
-from pipeline.checkpointing import STATE_FILE, CheckpointError, load_state, save_state
-from pipeline.config import load_config
-from pipeline.demo import make_demo_dataset
-from pipeline.skips import DEATHS_BEFORE_SKIP, skip_counter
-from pipeline.train_loop import NonFiniteLossError, Trainer
-from pipeline.trainer import build_trainer, plan_data, resolve_paths, run_training
+from pipeline import tracking
+from pipeline.checkpoints import STATE_FILE, CheckpointError, load_state, save_state
+from pipeline.config import load_config, typed
+from pipeline.data import dataset, index
+from pipeline.data.sampling import ClipSpec
+from pipeline.data.skips import DEATHS_BEFORE_SKIP, skip_counter
+from pipeline.training.driver import build_trainer, plan_data, resolve_paths, run_training
+from pipeline.training.job import TrainJob
+from pipeline.training.worker import NonFiniteLossError, WorkerLoop
+from tests.clips import decode_tasks, eval_transform
 from tests.conftest import REPO_ROOT
 from tests.videos import VideoSpec, index_of, write_indexed_video
 
@@ -72,6 +75,11 @@ def write_noise_video(path: Path, num_frames: int = 240, size: tuple[int, int] =
     return path
 
 
+def decoding_now(counter: object) -> dict[str, tuple[str, int]]:
+    """Run inside the skip-counter actor: task id -> (video, pid) of every decode under way."""
+    return dict(counter._decoding)
+
+
 class DecoderKiller(threading.Thread):
     """Kills, with SIGSEGV, every process the skip counter reports decoding `target`, up to `limit` times."""
 
@@ -83,7 +91,7 @@ class DecoderKiller(threading.Thread):
 
     def run(self) -> None:
         while len(self.killed) < self.limit and not self.stop.is_set():
-            for path, pid in ray.get(self.counter.in_progress.remote()).values():
+            for path, pid in ray.get(self.counter.__ray_call__.remote(decoding_now)).values():
                 if path == self.target and pid not in self.killed:
                     os.kill(pid, signal.SIGSEGV)
                     self.killed.append(pid)
@@ -95,15 +103,8 @@ def test_a_decoder_that_kills_its_process_costs_one_video_not_the_epoch(ray_sess
     crashing = write_noise_video(tmp_path / "crashing.mp4")
     paths = [*good[:3], crashing, *good[3:]]  # one task holds all: rows before the crash were already yielded
     counter_name = f"faults-{uuid.uuid4().hex}"
-    clips = dataset.val_dataset(
-        index_of(paths),
-        num_frames=8,
-        sampling_rate=2,
-        crop_size=32,
-        short_side=32,
-        videos_per_task=len(paths),
-        skip_counter_name=counter_name,
-    )
+    tasks = decode_tasks(videos_per_task=len(paths), skip_counter=counter_name)
+    clips = dataset.val_dataset(index_of(paths), spec=ClipSpec(8, 2, 30.0), transform=eval_transform(), tasks=tasks)
     counter = skip_counter(counter_name)
 
     killer = DecoderKiller(counter, str(crashing), DEATHS_BEFORE_SKIP)
@@ -119,7 +120,7 @@ def test_a_decoder_that_kills_its_process_costs_one_video_not_the_epoch(ray_sess
     assert second == list(range(len(paths)))
     reasons = ray.get(counter.reasons.remote())
     assert list(reasons) == [str(crashing)] and "decoding process died" in reasons[str(crashing)]
-    assert ray.get(counter.total.remote()) == 1
+    assert ray.get(counter.totals.remote()).skipped == 1
     summary(
         "decoder-crash",
         injected=len(killer.killed),
@@ -204,8 +205,8 @@ def add_unusable_videos(manifest: Path) -> tuple[str, ...]:
 
 
 @pytest.fixture(scope="module")
-def demo(ray_session, tmp_path_factory) -> Demo:
-    made = make_demo_dataset(tmp_path_factory.mktemp("demo"), seed=0, num_classes=4, videos_per_class=16)
+def demo(ray_session, make_demo) -> Demo:
+    made = make_demo(seed=0, num_classes=4, videos_per_class=16)
     unusable = add_unusable_videos(made.train_manifest)
     return Demo(
         index.build_index(made.train_manifest, made.root / "train.parquet").path,
@@ -215,23 +216,20 @@ def demo(ray_session, tmp_path_factory) -> Demo:
     )
 
 
-def run_overrides(root: Path, demo: Demo, *extra: str) -> list[str]:
-    """A 2-worker mvit_tiny run on the demo, a checkpoint every CHECKPOINT_EVERY steps, a train/loss at every step."""
-    return [
-        f"data.train={demo.train}",
-        f"data.val={demo.val}",
+def faults_overrides(run_overrides: Callable[..., list[str]], root: Path, demo: Demo, *extra: str) -> list[str]:
+    """The shared small run (`run_overrides`) on this module's demo: named "faults", no models logged, and a
+    checkpoint every CHECKPOINT_EVERY steps."""
+    return run_overrides(
+        root,
+        demo.train,
+        demo.val,
         f"data.labels={demo.labels}",
-        f"run.storage_path={root / 'runs'}",
         "run.name=faults",
-        f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}",
-        "mlflow.system_metrics=false",
         "mlflow.log_models=false",
-        "train.batch_size=4",
         "train.lr=4e-3",
-        "train.log_every_steps=1",
         f"train.checkpoint_every_steps={CHECKPOINT_EVERY}",
         *extra,
-    ]
+    )
 
 
 def latest_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
@@ -359,11 +357,11 @@ def kill_worker_then_driver_then_rerun(root: Path, overrides: list[str], ray_tmp
 
 
 @pytest.fixture(scope="module")
-def driver_scenario(demo, tmp_path_factory) -> DriverScenario:
+def driver_scenario(demo, tmp_path_factory, run_overrides) -> DriverScenario:
     """Kill a training worker mid-epoch after the first checkpoint, then (once the run has recovered and
     checkpointed again) the driver itself, mid-epoch; then run the same command again."""
     root = tmp_path_factory.mktemp("driver")
-    overrides = run_overrides(root, demo, f"train.epochs={EPOCHS}", "scaling.max_failures=1")
+    overrides = faults_overrides(run_overrides, root, demo, f"train.epochs={EPOCHS}", "scaling.max_failures=1")
     ray_tmp = Path(tempfile.mkdtemp(prefix="rd", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     try:
         return kill_worker_then_driver_then_rerun(root, overrides, ray_tmp)
@@ -430,74 +428,74 @@ def test_a_dead_driver_resumes_when_the_same_command_runs_again(driver_scenario)
 
 
 # ---- numerics ---------------------------------------------------------------------------------------------------
-def parameters(trainer: Trainer) -> list[torch.Tensor]:
+def parameters(trainer: WorkerLoop) -> list[torch.Tensor]:
     return [parameter.detach().clone() for parameter in trainer.model.parameters()]
 
 
-def optimizer_state(trainer: Trainer) -> list[torch.Tensor]:
+def optimizer_state(trainer: WorkerLoop) -> list[torch.Tensor]:
     """Copies of every tensor of the optimizer's state (AdamW: step, exp_avg, exp_avg_sq of each parameter)."""
-    return [value.clone() for state in trainer.optimizer.state.values() for value in state.values()]
+    return [value.clone() for state in trainer.step.optimizer.state.values() for value in state.values()]
 
 
 def unchanged(before: list[torch.Tensor], after: list[torch.Tensor]) -> bool:
     return len(before) == len(after) and all(torch.equal(old, new) for old, new in zip(before, after))
 
 
-def overflow_is_absorbed(trainer: Trainer, batch: dict[str, torch.Tensor]) -> int:
+def overflow_is_absorbed(trainer: WorkerLoop, batch: dict[str, torch.Tensor]) -> int:
     """fp16: with a loss scale of 2^24 every step overflows; each is skipped and halves the scale, until one fits.
     Returns how many steps were skipped."""
-    trainer._train_step(batch)  # the scaler's first step creates its scale
-    trainer.scaler.update(2.0**24)
+    trainer.step(batch, 0.0)  # the scaler's first step creates its scale
+    trainer.step.scaler.update(2.0**24)
     before, skipped = parameters(trainer), 0
     while True:
-        scale = trainer.scaler.get_scale()
-        loss, applied = trainer._train_step(batch)
+        scale = trainer.step.scaler.get_scale()
+        loss, applied = trainer.step(batch, 0.0)
         if applied:
             break
         skipped += 1
-        assert trainer.scaler.get_scale() == scale / 2 and unchanged(before, parameters(trainer))
+        assert trainer.step.scaler.get_scale() == scale / 2 and unchanged(before, parameters(trainer))
     assert math.isfinite(loss) and not unchanged(before, parameters(trainer))
     return skipped
 
 
-def non_finite_step_is_skipped(trainer: Trainer, batch: dict[str, torch.Tensor]) -> None:
+def non_finite_step_is_skipped(trainer: WorkerLoop, batch: dict[str, torch.Tensor]) -> None:
     """bf16/fp32: a batch that normalises to inf (std 0) gives a NaN loss; its step changes nothing, and the next
     step applies."""
-    trainer._train_step(batch)  # one good step first, so the optimizer has state to keep
+    trainer.step(batch, 0.0)  # one good step first, so the optimizer has state to keep
     before, moments = parameters(trainer), optimizer_state(trainer)
-    std = trainer.std.clone()
-    trainer.std.zero_()
-    loss, applied = trainer._train_step(batch)
+    std = trainer.normalise.std.clone()
+    trainer.normalise.std.zero_()
+    loss, applied = trainer.step(batch, 0.0)
     assert not applied and not math.isfinite(loss)
     assert unchanged(before, parameters(trainer)) and unchanged(moments, optimizer_state(trainer))
-    trainer.std.copy_(std)
-    assert trainer._train_step(batch)[1] and not unchanged(before, parameters(trainer))
+    trainer.normalise.std.copy_(std)
+    assert trainer.step(batch, 0.0)[1] and not unchanged(before, parameters(trainer))
 
 
-def too_many_bad_steps_stop_the_epoch(trainer: Trainer) -> str:
+def too_many_bad_steps_stop_the_epoch(trainer: WorkerLoop) -> str:
     """Every batch non-finite: after train.max_bad_steps of them the next one stops training, naming the step."""
-    trainer.std.zero_()
+    trainer.normalise.std.zero_()
     try:
-        trainer.train_epoch(trainer.job["steps_per_epoch"])
+        trainer.train_epoch(trainer.job.steps_per_epoch)
     except NonFiniteLossError as error:  # not kept: its traceback would keep the epoch's data iterator running
         return str(error)
     raise AssertionError("an epoch of non-finite steps went on")
 
 
-def first_batch(trainer: Trainer) -> dict[str, torch.Tensor]:
+def first_batch(trainer: WorkerLoop) -> dict[str, torch.Tensor]:
     batches = trainer._batches("train", drop_last=True)
     batch = next(batches)
     batches.close()  # ends the dataset's execution now rather than at garbage collection
     return batch
 
 
-def numeric_faults_in_one_process(job: dict) -> dict:
-    """Runs under Ray Train's local mode (no worker processes), so the test reaches into the real Trainer: its step
+def numeric_faults_in_one_process(job: TrainJob) -> dict:
+    """Runs under Ray Train's local mode (no worker processes), so the test reaches into the real WorkerLoop: its step
     function, optimizer, GradScaler and data, with faults injected into the loss scale and a batch's normalisation."""
     found = {}
     for precision in ("fp16", "bf16", "fp32"):
-        job["config"]["train"]["precision"] = precision
-        trainer = Trainer(job)
+        job.config.train.precision = precision
+        trainer = WorkerLoop(job)
         try:
             batch = first_batch(trainer)
             if precision == "fp16":
@@ -510,10 +508,11 @@ def numeric_faults_in_one_process(job: dict) -> dict:
     return found
 
 
-def test_fp16_overflow_and_non_finite_steps_are_skipped_until_too_many(ray_session, demo, tmp_path):
-    cfg = resolve_paths(load_config(overrides=run_overrides(tmp_path, demo, "train.max_bad_steps=2")), tmp_path)
+def test_fp16_overflow_and_non_finite_steps_are_skipped_until_too_many(ray_session, demo, tmp_path, run_overrides):
+    overrides = faults_overrides(run_overrides, tmp_path, demo, "train.max_bad_steps=2")
+    cfg = typed(resolve_paths(load_config(overrides=overrides), tmp_path))
     run_id = tracking.get_or_create_run(cfg.mlflow.tracking_uri, "mvit", "numerics", "numerics")
-    built = build_trainer(cfg, plan_data(cfg), run_id)
+    built = build_trainer(cfg, "", plan_data(cfg), run_id)
     local = TorchTrainer(
         numeric_faults_in_one_process,
         train_loop_config=built.train_loop_config,
@@ -572,7 +571,7 @@ def test_non_finite_losses_stop_a_run_in_one_line_and_leave_the_checkpoints_inta
 # ---- checkpoints and security -----------------------------------------------------------------------------------
 WRITE_BIG_CHECKPOINT = """
 import sys, torch
-from pipeline.checkpointing import save_state
+from pipeline.checkpoints import save_state
 save_state(sys.argv[1], {"model": {"w": torch.ones(128 * 2**20)}, "loop": {"epoch": 2}})  # 512 MiB
 """
 

@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.prepare import main
-from pipeline.index import build_index, info_from_row, info_to_row, read_usable
-from pipeline.manifest import write_manifest
-from pipeline.video import probe
+from pipeline.data.index import build_index, info_from_row, info_to_row, read_usable
+from pipeline.data.manifest import write_manifest
+from pipeline.data.video import probe
 from tests.videos import H264_BFRAMES_LONG_GOP, VP9_WEBM, write_bad_videos, write_indexed_video
 
 
@@ -78,6 +78,6 @@ def test_the_cli_indexes_and_lists_what_it_left_out(ray_session, mixed_manifest,
 @pytest.mark.faults
 def test_the_cli_refuses_a_path_outside_the_root_in_one_line(tmp_path: Path, capsys) -> None:
     (tmp_path / "manifest.csv").write_text("path,label\nvideos/a.mp4,0\n/etc/hosts,0\n")
-    assert main(["index", "--manifest", str(tmp_path / "manifest.csv"), "--out", str(tmp_path / "i.parquet")]) == 2
+    assert main(["index", "--manifest", str(tmp_path / "manifest.csv"), "--out", str(tmp_path / "i.parquet")]) == 3
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "row 2 path '/etc/hosts' is outside the root" in error

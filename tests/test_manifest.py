@@ -7,7 +7,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from pipeline.manifest import (
+from pipeline.data.manifest import (
     ManifestError,
     label_map_path,
     read_label_map,

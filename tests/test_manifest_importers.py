@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from jobs.prepare import main
-from pipeline.importers import import_folders, import_kinetics, import_pyslowfast, import_ssv2
-from pipeline.manifest import ManifestError, read_label_map, read_manifest
+from pipeline.data.importers import import_folders, import_kinetics, import_pyslowfast, import_ssv2
+from pipeline.data.manifest import ManifestError, read_label_map, read_manifest
 
 KINETICS_CSV = """label,youtube_id,time_start,time_end,split
 zumba,abc123,14,24,train
@@ -83,7 +83,7 @@ def test_the_cli_writes_a_manifest_and_label_map_and_fails_in_one_line(
     assert manifest.column("path").to_pylist()[2] == str(tmp_path / "kinetics/val/abseiling/q1w2e3_000120_000130.mp4")
 
     (tmp_path / "other.csv").write_text("label,youtube_id,time_start,time_end,split\nyoga,a,0,10,val\n")
-    assert main(["import", "kinetics", "--csv", str(tmp_path / "other.csv"), "--out", str(out)]) == 2
-    assert main(["import", "pyslowfast", "--list", str(tmp_path / "missing.txt"), "--out", str(out)]) == 2
+    assert main(["import", "kinetics", "--csv", str(tmp_path / "other.csv"), "--out", str(out)]) == 3
+    assert main(["import", "pyslowfast", "--list", str(tmp_path / "missing.txt"), "--out", str(out)]) == 3
     errors = capsys.readouterr().err.splitlines()
-    assert len(errors) == 2 and "different class names" in errors[0] and errors[1].startswith("prepare: error:")
+    assert len(errors) == 2 and "different class names" in errors[0] and errors[1].startswith("jobs.prepare: error:")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -25,13 +26,15 @@ def test_bf16_autocast_forward_backward_gives_finite_gradients() -> None:
     assert gradients["blocks.1.attn.pool_q.pool.weight"].abs().sum() > 0
 
 
-def test_compiled_forward_matches_eager() -> None:
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compiled_forward_matches_eager(backend: str) -> None:
+    """The whole model is one graph (no graph breaks); inductor's generated kernels give the eager logits."""
     torch.manual_seed(0)
     model = mvit.create_model("mvit_tiny", num_classes=5).eval()
     clip = torch.randn(2, 3, 8, 64, 64)
     with torch.no_grad():
         eager = model(clip)
-        compiled = torch.compile(model, fullgraph=True)(clip)  # no graph breaks
+        compiled = torch.compile(model, fullgraph=True, backend=backend)(clip)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
 
 

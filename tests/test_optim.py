@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.mixup import MixupCutmix, smooth_one_hot, soft_target_cross_entropy
-from pipeline.optim import WarmupCosine, parameter_groups, scaled_lr
+from pipeline.training.mixup import MixupCutmix, smooth_one_hot, soft_target_cross_entropy
+from pipeline.training.optim import WarmupCosine, parameter_groups, scaled_lr
 
 
 def test_no_weight_decay_on_biases_and_1d_parameters():

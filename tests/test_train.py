@@ -11,41 +11,31 @@ from mlflow.tracking import MlflowClient
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from pipeline import dataset, index
-from pipeline.checkpointing import load_state
+from pipeline.checkpoints import load_state
 from pipeline.config import load_config
-from pipeline.demo import make_demo_dataset
-from pipeline.manifest import write_manifest
-from pipeline.trainer import ValidationSplit, run_training
+from pipeline.data import dataset, index
+from pipeline.data.manifest import write_manifest
+from pipeline.data.sampling import ClipSpec
+from pipeline.training.driver import ValidationSplit, run_training
+from tests.clips import decode_tasks, eval_transform, train_transform
 
 
-@pytest.fixture(scope="session")
-def demo(tmp_path_factory):
-    return make_demo_dataset(tmp_path_factory.mktemp("demo"), seed=0, videos_per_class=5)
+@pytest.fixture()
+def small_run(tmp_path: Path, demo, run_overrides):
+    """The config of a small run on the shared demo, writing under this test's folder."""
 
+    def config(*overrides: str):
+        return load_config(overrides=run_overrides(tmp_path, demo.train_manifest, demo.val_manifest, *overrides))
 
-def small_run(tmp_path: Path, demo, *overrides: str):
-    return load_config(
-        overrides=[
-            f"data.train={demo.train_manifest}",
-            f"data.val={demo.val_manifest}",
-            f"run.storage_path={tmp_path / 'runs'}",
-            "run.name=test",
-            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-            "mlflow.system_metrics=false",
-            "train.batch_size=4",
-            "train.log_every_steps=1",
-            *overrides,
-        ]
-    )
+    return config
 
 
 def metric_history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
-def test_two_workers_train_and_track(ray_session, tmp_path, demo):
-    cfg = small_run(tmp_path, demo, "train.epochs=3", "train.lr=4e-3", "mlflow.log_models=true")
+def test_two_workers_train_and_track(ray_session, small_run):
+    cfg = small_run("train.epochs=3", "train.lr=4e-3", "mlflow.log_models=true")
     outcome = run_training(cfg)
     client = MlflowClient(outcome.tracking_uri)
     run = client.get_run(outcome.run_id)
@@ -77,9 +67,9 @@ def test_two_workers_train_and_track(ray_session, tmp_path, demo):
     assert {"model", "best_model"} <= logged
 
 
-def test_resume_continues_the_same_run(ray_session, tmp_path, demo):
-    first = run_training(small_run(tmp_path, demo, "train.epochs=1", "mlflow.log_models=false"))
-    second = run_training(small_run(tmp_path, demo, "train.epochs=2", "mlflow.log_models=false"))
+def test_resume_continues_the_same_run(ray_session, small_run):
+    first = run_training(small_run("train.epochs=1", "mlflow.log_models=false"))
+    second = run_training(small_run("train.epochs=2", "mlflow.log_models=false"))
     assert second.run_id == first.run_id
     client = MlflowClient(first.tracking_uri)
     assert [value for _, value in metric_history(client, first.run_id, "train/epoch")] == [1.0, 2.0]
@@ -109,15 +99,17 @@ def test_workers_see_disjoint_shards_and_val_counts_every_video_once(ray_session
     manifest = tmp_path / "one_class_per_video.csv"
     write_manifest(pa.table({"path": [str(v) for v in videos], "label": list(range(len(videos)))}), manifest)
     usable, _ = index.read_usable(index.build_index(manifest, tmp_path / "index.parquet", allow_outside_root=True).path)
-    clip = dict(num_frames=4, sampling_rate=2, crop_size=32)
+    spec = ClipSpec(num_frames=4, sampling_rate=2, target_fps=30.0)
     trainer = TorchTrainer(
         _collect_labels,
         train_loop_config={"out": str(tmp_path)},
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(name="shards", storage_path=str(tmp_path / "runs")),
         datasets={
-            "train": dataset.train_dataset(usable, short_side=(32, 40), **clip),
-            "val": dataset.val_dataset(usable, short_side=32, **clip),
+            "train": dataset.train_dataset(
+                usable, spec=spec, transform=train_transform(short_side=(32, 40)), num_clips=1, tasks=decode_tasks()
+            ),
+            "val": dataset.val_dataset(usable, spec=spec, transform=eval_transform(), tasks=decode_tasks()),
         },
         dataset_config=ValidationSplit(datasets_to_split=["train"]),
     )

@@ -1,4 +1,5 @@
-"""`python -m jobs.train` meets bad data and settings with one line that names the thing, and exit code 1."""
+"""`python -m jobs.train` meets bad data and settings with one line that names the thing, and its kind's exit code
+(3 for data, 4 for a model file)."""
 
 from __future__ import annotations
 
@@ -30,18 +31,18 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("override", "named"),
+    ("override", "named", "exit_code"),
     [
-        ("data.train={root}/empty.csv", "empty.csv: the manifest is empty"),
-        ("data.train={root}/columns.csv", "columns.csv: wrong columns ['file', 'class']"),
-        ("data.train={root}/unknown_label.csv", "unknown_label.csv: row 1 has unknown label 'cow'"),
-        ("data.train={root}/outside.csv", "outside.csv: row 2 path '../../etc/hosts' is outside the root"),
-        ("data.train={root}/missing.csv", "data.train {root}/missing.csv: no such file"),
-        ("model.pretrained={root}/missing.pt", "model.pretrained {root}/missing.pt: no such file"),
+        ("data.train={root}/empty.csv", "empty.csv: the manifest is empty", 3),
+        ("data.train={root}/columns.csv", "columns.csv: wrong columns ['file', 'class']", 3),
+        ("data.train={root}/unknown_label.csv", "unknown_label.csv: row 1 has unknown label 'cow'", 3),
+        ("data.train={root}/outside.csv", "outside.csv: row 2 path '../../etc/hosts' is outside the root", 3),
+        ("data.train={root}/missing.csv", "data.train {root}/missing.csv: no such file", 3),
+        ("model.pretrained={root}/missing.pt", "model.pretrained {root}/missing.pt: no such file", 4),
     ],
 )
 def test_bad_data_or_settings_stop_training_in_one_line(
-    ray_session, folder: Path, capsys, override: str, named: str
+    ray_session, folder: Path, capsys, override: str, named: str, exit_code: int
 ) -> None:
     code = train.main(
         [
@@ -54,6 +55,6 @@ def test_bad_data_or_settings_stop_training_in_one_line(
         ]
     )
     error = capsys.readouterr().err.strip()
-    assert code == 1
+    assert code == exit_code
     assert error.startswith("jobs.train: error: ") and "\n" not in error, error
     assert named.format(root=folder) in error

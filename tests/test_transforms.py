@@ -7,15 +7,15 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from pipeline.transforms import (
+from pipeline.data.transforms import (
     EvalTransform,
-    TrainTransform,
     inception_box,
     resize,
     scale_jitter_box,
     short_side_resize,
     spatial_crops,
 )
+from tests.clips import train_transform
 
 
 def _coordinates_clip(frames: int, height: int, width: int) -> np.ndarray:
@@ -36,7 +36,7 @@ def test_resize_keeps_uint8_and_short_side_resize_keeps_the_aspect() -> None:
 
 @pytest.mark.parametrize("random_resized_crop", [False, True])
 def test_every_frame_of_a_clip_gets_the_same_crop_and_flip(random_resized_crop: bool) -> None:
-    transform = TrainTransform(crop_size=32, short_side=(40, 60), random_resized_crop=random_resized_crop)
+    transform = train_transform(short_side=(40, 60), random_resized_crop=random_resized_crop)
     still = np.repeat(_coordinates_clip(1, 60, 80), 6, axis=0)  # six identical frames
     rng = np.random.default_rng(0)
     for _ in range(20):
@@ -73,10 +73,10 @@ def test_inception_box_respects_area_and_aspect_and_falls_back_to_the_centre() -
 def test_flip_happens_about_half_the_time_and_only_when_asked() -> None:
     clip = _coordinates_clip(2, 32, 32)
     rng = np.random.default_rng(0)
-    flipping = TrainTransform(crop_size=32, short_side=(32, 32))
+    flipping = train_transform()
     flipped = sum(int(flipping(clip, rng)[0, 0, 0, 0] == 31) for _ in range(400))
     assert 150 < flipped < 250
-    steady = TrainTransform(crop_size=32, short_side=(32, 32), flip=False)
+    steady = train_transform(flip=False)
     assert all(np.array_equal(steady(clip, rng), clip) for _ in range(20))
 
 
@@ -91,7 +91,7 @@ def test_augments_run_in_order_after_crop_and_flip() -> None:
         calls.append(("halve", clip.shape))
         return clip // 2
 
-    plain = TrainTransform(crop_size=32, short_side=(32, 32))
+    plain = train_transform()
     augmented = replace(plain, augments=(invert, halve))
     clip = _coordinates_clip(2, 32, 48)
     out = augmented(clip, np.random.default_rng(3))
@@ -113,4 +113,4 @@ def test_eval_transform_resizes_the_short_side_then_crops() -> None:
     views = EvalTransform(short_side=40, crop_size=32, num_crops=3)(_coordinates_clip(4, 60, 80))
     assert len(views) == 3 and all(view.shape == (4, 32, 32, 3) and view.dtype == np.uint8 for view in views)
     with pytest.raises(ValueError):
-        EvalTransform(short_side=24, crop_size=32)(_coordinates_clip(1, 60, 80))
+        EvalTransform(short_side=24, crop_size=32, num_crops=1)(_coordinates_clip(1, 60, 80))

@@ -9,7 +9,7 @@ import av
 import numpy as np
 import pytest
 
-from pipeline.video import _packets_from, decode_frames, probe
+from pipeline.data.video import _packets_from, decode_frames, probe
 from tests.videos import (
     H264_BFRAMES_LONG_GOP,
     H264_OPEN_GOP,

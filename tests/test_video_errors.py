@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.video import VideoDecodeError, decode_frames, probe
+from pipeline.data.video import VideoDecodeError, decode_frames, probe
 from tests.videos import H264_BFRAMES_LONG_GOP, read_index, write_bad_videos, write_indexed_video
 
 pytestmark = pytest.mark.faults  # bad input: part of the fault suite (`pytest -m faults`)

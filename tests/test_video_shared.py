@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.sampling import PRESETS, random_clip
-from pipeline.video import decode_frames, probe
+from pipeline.data.sampling import ClipSpec, random_clip
+from pipeline.data.video import decode_frames, probe
 from tests.videos import sequential_frames
 
 # name -> (frames, keyframes, width, height, fps) as the README of shared/data states them
@@ -34,7 +34,7 @@ def test_random_clips_match_sequential_decoding(shared_videos: Path, name: str) 
     path = shared_videos / name
     info = probe(path)
     rng = np.random.default_rng(7)
-    clips = [random_clip(info.num_frames, info.fps, PRESETS["16x4"], rng).indices.tolist() for _ in range(2)]
+    clips = [random_clip(info.num_frames, info.fps, ClipSpec(16, 4, 30.0), rng).indices.tolist() for _ in range(2)]
     keyframe_edges = [[keyframe - 1, keyframe] for keyframe in info.keyframes if keyframe > 0]
     requests = clips + keyframe_edges + [[info.num_frames - 1, 0]]
     reference = sequential_frames(path, {index for request in requests for index in request})

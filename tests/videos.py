@@ -174,9 +174,9 @@ def corrupt_keyframes(source: Path, target: Path, which: list[int]) -> Path:
 
 
 def index_of(paths: list[Path]) -> pa.Table:
-    """An index of `paths` built without Ray, probed as `pipeline.index` probes: label = position in `paths`."""
-    from pipeline.index import info_to_row
-    from pipeline.video import probe
+    """An index of `paths` built without Ray, probed as `pipeline.data.index` probes: label = position in `paths`."""
+    from pipeline.data.index import info_to_row
+    from pipeline.data.video import probe
 
     return pa.Table.from_pylist(
         [

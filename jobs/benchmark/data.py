@@ -20,8 +20,8 @@ from pathlib import Path
 import av
 import numpy as np
 
-from pipeline.sampling import ClipSpec, random_clip
-from pipeline.video import VideoDecodeError, VideoInfo, decode_frames, probe
+from pipeline.data.sampling import ClipSpec, random_clip
+from pipeline.data.video import VideoDecodeError, VideoInfo, decode_frames, probe
 
 DEFAULT_VIDEOS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "videos"
 VIDEO_SUFFIXES = {".mp4", ".webm", ".mkv", ".avi", ".mov"}

@@ -23,7 +23,7 @@ import resource
 import statistics
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext, suppress
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,8 +34,8 @@ from torch import nn
 import mvit
 from jobs.benchmark.torchvision_reference import load_torchvision_mvit_v1_b
 from mvit.pooling import POOL_MEMORY_FORMATS
+from pipeline.precision import AUTOCAST_DTYPES, autocast, compute_dtype
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TORCHVISION_INPUT = (16, 224, 224)  # mvit_v1_b's positional embeddings are fixed to this clip size
 
 
@@ -46,7 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="mvit_b_16x4", choices=mvit.list_models())
     parser.add_argument("--input-size", type=int, nargs=3, metavar=("T", "H", "W"), help="default: the preset's")
     parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32", help="autocast dtype (fp32: none)")
+    parser.add_argument(
+        "--precision", choices=tuple(AUTOCAST_DTYPES), default="fp32", help="autocast dtype (fp32: none)"
+    )
     parser.add_argument("--mode", choices=("infer", "train"), default="infer", help="forward, or a training step")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models first")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -168,7 +170,7 @@ def _our_model(args: argparse.Namespace) -> mvit.MViT:
 
 def _sdpa_report(args: argparse.Namespace) -> dict[str, Any]:
     model = _our_model(args)
-    dtype, device = PRECISIONS[args.precision], torch.device(args.device)
+    dtype, device = compute_dtype(args.precision), torch.device(args.device)
     shape = (args.batch_size, model.config.in_channels, *model.input_size)
     blocks = mvit.sdpa_backends(model, shape, dtype, device, backward=args.mode == "train")
     short = {"FLASH_ATTENTION": "flash", "EFFICIENT_ATTENTION": "mem-efficient", "CUDNN_ATTENTION": "cudnn"}
@@ -344,14 +346,11 @@ def _make_step(
     device, precision = clip.device, args.precision
     forward = torch.compile(module) if args.compile else module
 
-    def autocast() -> AbstractContextManager:
-        return nullcontext() if precision == "fp32" else torch.autocast(device.type, dtype=PRECISIONS[precision])
-
     if args.mode == "infer":
         module.eval()
 
         def infer() -> torch.Tensor:
-            with torch.inference_mode(), autocast():
+            with torch.inference_mode(), autocast(precision, device):
                 return forward(clip)
 
         return infer
@@ -361,7 +360,7 @@ def _make_step(
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     def train() -> None:
-        with autocast():
+        with autocast(precision, device):
             loss = F.cross_entropy(forward(clip), labels)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -372,7 +371,7 @@ def _make_step(
 
 
 def _speed(args: argparse.Namespace) -> dict[str, Any]:
-    device, dtype = torch.device(args.device), PRECISIONS[args.precision]
+    device, dtype = torch.device(args.device), compute_dtype(args.precision)
     ceiling_size = args.ceiling_size or (8192 if device.type == "cuda" else 2048)
     ceiling = _matmul_ceiling(device, dtype, ceiling_size)
     contenders, notes = _contenders(args)
@@ -433,8 +432,28 @@ def _speed_report(
         )
     ratio = clips_per_s["mvit"] / reference if reference else None
     logits_error = _logits_error(contenders) if args.mode == "infer" and reference else None
+    notes = [*notes, *_speed_notes(args, ceiling, ceiling_size, memory_label, rows)]
+    if ratio is not None:
+        notes.append(f"mvit / torchvision clips/s: {ratio:.3f}")
+    if logits_error is not None:
+        notes.append(f"logits relative error mvit vs torchvision (same weights and input): {logits_error:.2e}")
+    return {
+        "kind": f"speed {args.mode}",
+        "rows": rows,
+        "ceiling": {"TFLOP/s": ceiling, "size": ceiling_size, "precision": args.precision, "device": args.device},
+        "memory_measure": memory_label,
+        "ratio_vs_torchvision": ratio,
+        "logits_relative_error": logits_error,
+        "seconds": {c.name: c.seconds for c in contenders},
+        "notes": notes,
+    }
+
+
+def _speed_notes(
+    args: argparse.Namespace, ceiling: float, ceiling_size: int, memory_label: str, rows: list[dict[str, Any]]
+) -> list[str]:
+    """How the speed figures were measured, and what to make of them."""
     notes = [
-        *notes,
         f"matmul ceiling: {ceiling:.3f} TFLOP/s ({ceiling_size}² {args.precision} on {args.device}, best of 5)",
         "FLOPs: FlopCounterMode forward FLOPs at this batch"
         + ("; a training step counts 3× the forward (recomputation is not counted)" if args.mode == "train" else ""),
@@ -453,20 +472,7 @@ def _speed_report(
             "MFU above 100%: the plain matmul is slower than the model's own kernels in this dtype on this device "
             "(e.g. bf16 on a CPU without native bf16), so it is no ceiling and MFU means nothing here"
         )
-    if ratio is not None:
-        notes.append(f"mvit / torchvision clips/s: {ratio:.3f}")
-    if logits_error is not None:
-        notes.append(f"logits relative error mvit vs torchvision (same weights and input): {logits_error:.2e}")
-    return {
-        "kind": f"speed {args.mode}",
-        "rows": rows,
-        "ceiling": {"TFLOP/s": ceiling, "size": ceiling_size, "precision": args.precision, "device": args.device},
-        "memory_measure": memory_label,
-        "ratio_vs_torchvision": ratio,
-        "logits_relative_error": logits_error,
-        "seconds": {c.name: c.seconds for c in contenders},
-        "notes": notes,
-    }
+    return notes
 
 
 def _logits_error(contenders: list[Contender]) -> float:

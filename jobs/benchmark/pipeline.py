@@ -15,8 +15,8 @@ from pathlib import Path
 import pyarrow as pa
 
 from jobs.benchmark.data import DEFAULT_VIDEOS, VIDEO_SUFFIXES
-from pipeline.index import info_to_row
-from pipeline.video import probe
+from pipeline.data.index import info_to_row
+from pipeline.data.video import probe
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import ray
 
-    from pipeline.dataset import train_dataset
+    from pipeline.data.dataset import DecodeTasks, train_dataset
+    from pipeline.data.sampling import ClipSpec
+    from pipeline.data.transforms import TrainTransform
 
     paths = args.videos or sorted(p for p in DEFAULT_VIDEOS.iterdir() if p.suffix in VIDEO_SUFFIXES)
     rows = [{"path": str(p), "label": 0, **info_to_row(probe(p))} for p in paths]
@@ -42,16 +44,19 @@ def run(args: argparse.Namespace) -> int:
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
 
     def clips_and_seconds(num_clips: int) -> tuple[int, float]:
-        dataset = train_dataset(
-            index,
-            num_frames=args.num_frames,
-            sampling_rate=args.sampling_rate,
+        transform = TrainTransform(
             crop_size=args.crop_size,
-            num_clips=num_clips,
             short_side=tuple(args.short_side),
-            videos_per_task=len(paths),
-            skip_counter_name=f"bench-{num_clips}",
+            random_resized_crop=False,
+            crop_area=(1.0, 1.0),
+            crop_aspect=(1.0, 1.0),
+            flip=True,
         )
+        tasks = DecodeTasks(
+            cpus=1.0, concurrency=None, resources={}, videos_per_task=len(paths), skip_counter=f"bench-{num_clips}"
+        )
+        spec = ClipSpec(args.num_frames, args.sampling_rate, 30.0)
+        dataset = train_dataset(index, spec=spec, transform=transform, num_clips=num_clips, tasks=tasks)
         start, clips = time.perf_counter(), 0
         for batch in dataset.iter_batches(batch_size=8, batch_format="numpy"):
             clips += len(batch["label"])

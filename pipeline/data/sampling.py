@@ -20,15 +20,11 @@ class ClipSpec:
 
     num_frames: int
     sampling_rate: int
-    target_fps: float = 30.0
+    target_fps: float
 
     def __post_init__(self) -> None:
         if self.num_frames < 1 or self.sampling_rate < 1 or self.target_fps <= 0:
             raise ValueError(f"invalid clip spec {self}")
-
-
-# The MViT paper's Kinetics clips: 16 frames at stride 4, and 32 frames at stride 3.
-PRESETS = {"16x4": ClipSpec(num_frames=16, sampling_rate=4), "32x3": ClipSpec(num_frames=32, sampling_rate=3)}
 
 
 @dataclass(frozen=True)

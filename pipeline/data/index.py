@@ -20,8 +20,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from pipeline.manifest import read_manifest
-from pipeline.video import VideoDecodeError, VideoInfo, probe
+from pipeline.data.manifest import read_manifest
+from pipeline.data.video import VideoDecodeError, VideoInfo, probe
 
 OK = "ok"
 INDEX_FIELDS = [
@@ -82,6 +82,36 @@ def build_index(
     pq.write_table(index, out_path)
     unusable = _unusable(index)
     return IndexSummary(path=out_path, total=index.num_rows, usable=index.num_rows - len(unusable), unusable=unusable)
+
+
+def is_index(path: str) -> bool:
+    """An index (probed already) rather than a manifest: a Parquet file with the probe's `status` column."""
+    return path.endswith((".parquet", ".pq")) and "status" in pq.read_schema(path).names
+
+
+def ensure_index(
+    source: str,
+    cached: Path,
+    root: str | None,
+    allow_outside_root: bool,
+    cpus_per_task: float,
+    concurrency: int | None,
+) -> str:
+    """The index of `source`: itself if already probed, else a probe of the manifest, cached until it changes."""
+    if is_index(source):
+        return source
+    if cached.is_file() and cached.stat().st_mtime >= Path(source).stat().st_mtime:
+        return str(cached)
+    summary = build_index(
+        source,
+        cached,
+        root,
+        allow_outside_root=allow_outside_root,
+        cpus_per_task=cpus_per_task,
+        concurrency=concurrency,
+    )
+    print(f"probed {source}: {summary.usable} of {summary.total} videos usable")
+    return str(summary.path)
 
 
 def read_usable(index: str | os.PathLike | pa.Table) -> tuple[pa.Table, list[tuple[str, str]]]:

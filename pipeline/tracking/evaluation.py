@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
-from omegaconf import DictConfig
 
-from pipeline.model_source import LoadedModel
-from pipeline.tracking import redact, resolve_tracking_uri
+from pipeline.config import EvaluationJobConfig
+from pipeline.tracking.runs import redact, resolve_tracking_uri
+
+if TYPE_CHECKING:
+    from pipeline.evaluation.loading import LoadedModel, ModelReference
+    from pipeline.evaluation.metrics import EvaluationResult
 
 EVALUATES_TAG = "mvit.evaluates"
 
@@ -38,10 +41,10 @@ def _confusion_png(matrix: np.ndarray, labels: list[str], path: Path) -> None:
 
 
 def log_evaluation(
-    cfg: DictConfig,
-    reference: dict[str, Any],
+    cfg: EvaluationJobConfig,
+    reference: ModelReference,
     loaded: LoadedModel,
-    result: Any,
+    result: EvaluationResult,
     excluded: list[tuple[str, str]],
     skipped: dict[str, str],
 ) -> str:
@@ -56,8 +59,8 @@ def log_evaluation(
     with mlflow.start_run(run_name=f"evaluate-{Path(str(loaded.description)).name}", tags=tags) as run:
         mlflow.log_params(
             {
-                "model": redact(reference["reference"]),
-                "model_source": reference["source"],
+                "model": redact(reference.reference),
+                "model_source": reference.source,
                 "data.test": cfg.data.test,
                 "data.test_clips": cfg.data.test_clips,
                 "data.test_crops": cfg.data.test_crops,

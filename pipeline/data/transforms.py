@@ -8,7 +8,7 @@ RandAugment, random erasing and the like plug in as `augments`: functions of (cl
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,11 +107,11 @@ class TrainTransform:
     """Random box (scale jitter, or inception-style with `random_resized_crop`) → crop_size², flip, augments."""
 
     crop_size: int
-    short_side: tuple[int, int] = (256, 320)
-    random_resized_crop: bool = False
-    crop_area: tuple[float, float] = (0.08, 1.0)
-    crop_aspect: tuple[float, float] = (3 / 4, 4 / 3)
-    flip: bool = True
+    short_side: tuple[int, int]
+    random_resized_crop: bool
+    crop_area: tuple[float, float]
+    crop_aspect: tuple[float, float]
+    flip: bool
     augments: tuple[ClipAugment, ...] = ()
 
     def __call__(self, clip: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -134,7 +134,23 @@ class EvalTransform:
 
     short_side: int
     crop_size: int
-    num_crops: int = 1
+    num_crops: int
 
     def __call__(self, clip: np.ndarray) -> list[np.ndarray]:
         return spatial_crops(short_side_resize(clip, self.short_side), self.crop_size, self.num_crops)
+
+
+class Normalise:
+    """uint8 clips (B, T, H, W, C) as Ray Data delivers them → float (B, C, T, H, W), normalised per channel.
+
+    Runs on the device that consumes the clips (the training GPU, a model replica), so that the object store and
+    the host-to-device copy carry uint8, a quarter of the bytes.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], device: torch.device | str = "cpu") -> None:
+        self.mean = torch.tensor(list(mean), device=device).view(1, -1, 1, 1, 1)
+        self.std = torch.tensor(list(std), device=device).view(1, -1, 1, 1, 1)
+
+    def __call__(self, clips: torch.Tensor) -> torch.Tensor:
+        clips = clips.to(self.mean.device).permute(0, 4, 1, 2, 3).float().div_(255.0)
+        return clips.sub_(self.mean).div_(self.std)

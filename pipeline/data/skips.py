@@ -2,7 +2,7 @@
 
 Ray Data tasks report to one named Ray actor: videos that failed to decode (skipped, never failing the job) and
 clips of videos too short for them (indices clamped). Tasks wait for the report to land, so once an epoch's
-iteration ends its counts are complete; the trainer diffs two snapshots to get one epoch's figures.
+iteration ends its counts are complete; the trainer diffs the totals at two epoch ends to get one epoch's figures.
 
 The same actor notices a decoder that kills its whole process (a segfault, the out-of-memory killer), which no
 `except` can catch: before each video a task tells the actor which video it is decoding. Ray retries a task whose
@@ -61,10 +61,6 @@ class SkipCounter:
     def decoding(self, task: str, path: str, pid: int) -> None:
         self._decoding[task] = (path, pid)
 
-    def in_progress(self) -> dict[str, tuple[str, int]]:
-        """Task id -> (video, pid of the process decoding it), for every decode under way."""
-        return dict(self._decoding)
-
     def report(self, task: str, skipped: list[tuple[str, str]], clamped: int) -> None:
         """A task attempt ends: its counts land, and its in-progress marker is cleared."""
         self._decoding.pop(task, None)
@@ -72,10 +68,7 @@ class SkipCounter:
             self._reasons[path] = reason
         self._snapshot = SkipSnapshot(self._snapshot.skipped + len(skipped), self._snapshot.clamped + clamped)
 
-    def total(self) -> int:
-        return self._snapshot.skipped
-
-    def snapshot(self) -> SkipSnapshot:
+    def totals(self) -> SkipSnapshot:
         return self._snapshot
 
     def reasons(self) -> dict[str, str]:

@@ -12,11 +12,13 @@ from typing import Any
 
 import torch
 
+from pipeline.errors import ModelError
+
 STATE_FILE = "state.pt"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ModelError):
     """A checkpoint that is missing, partial or not ours."""
 
 
@@ -50,3 +52,12 @@ def load_state(directory: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path}: not a format-{FORMAT_VERSION} training checkpoint")
     return state
+
+
+def latest_checkpoint(storage_path: str, run_name: str) -> Path | None:
+    """The newest Ray Train checkpoint folder of a run, found on disk (for evaluation with no model given)."""
+    folders = sorted(
+        (Path(storage_path) / run_name).glob("checkpoint_*/" + STATE_FILE),
+        key=lambda p: p.stat().st_mtime,
+    )
+    return folders[-1].parent if folders else None

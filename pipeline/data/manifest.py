@@ -16,12 +16,14 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from pipeline.errors import DataError
+
 LABEL_MAP_NAME = "labels.txt"
 REQUIRED_COLUMNS = ("path", "label")
 OPTIONAL_COLUMNS = ("start_sec", "end_sec")
 
 
-class ManifestError(ValueError):
+class ManifestError(DataError):
     """A manifest or label map that can't be used; the message is one line saying why."""
 
 

@@ -21,6 +21,8 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
+from pipeline.errors import DataError
+
 # Containers that store real presentation timestamps; in these a decoded frame is identified by its pts. Elsewhere
 # (AVI, raw streams) the demuxer guesses pts, so frames are identified by counting from a keyframe instead.
 PTS_ORDERED_FORMATS = frozenset({"mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "mpegts"})
@@ -28,7 +30,7 @@ PTS_ORDERED_FORMATS = frozenset({"mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "mp
 TRUNCATION_TOLERANCE_SEC = 0.5
 
 
-class VideoDecodeError(Exception):
+class VideoDecodeError(DataError):
     """A video that can't be probed or decoded; str() is one line naming the path and the reason."""
 
     def __init__(self, path: str, reason: str) -> None:

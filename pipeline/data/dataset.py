@@ -2,7 +2,7 @@
 
 Rows of the index (one per usable video) are shuffled, then `map_batches` tasks decode, sample and transform each
 video into uint8 clips. Every iteration re-executes the dataset, so each epoch gets a new order and new clip
-positions. A video that fails to decode is skipped, logged and counted (see `pipeline.skips`); the job goes on.
+positions. A video that fails to decode is skipped, logged and counted (see `pipeline.data.skips`); the job goes on.
 A decode that kills its process is retried by Ray (Ray Data retries map tasks without limit, `max_retries=-1`);
 a video that kills it twice is skipped and counted the same way.
 Each task takes `videos_per_task` videos: more amortise Ray's per-task overhead, fewer stream sooner and hold less
@@ -21,102 +21,68 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from pipeline.index import info_from_row, read_usable
-from pipeline.sampling import ClipSpec, SampledClip, random_clip, segment_frames, uniform_clips
-from pipeline.skips import DEFAULT_COUNTER, CrashGuard, skip_counter
-from pipeline.transforms import ClipAugment, EvalTransform, TrainTransform
-from pipeline.video import VideoDecodeError, decode_frames
+from pipeline.data.index import info_from_row, read_usable
+from pipeline.data.sampling import ClipSpec, SampledClip, random_clip, segment_frames, uniform_clips
+from pipeline.data.skips import DEFAULT_COUNTER, CrashGuard, skip_counter
+from pipeline.data.transforms import EvalTransform, TrainTransform
+from pipeline.data.video import VideoDecodeError, decode_frames
+from pipeline.errors import DataError
+
+
+@dataclass(frozen=True)
+class DecodeTasks:
+    """How decoding is cut into Ray tasks and where they run.
+
+    `cpus` per task (also the decoder's thread count), at most `concurrency` at once (None: as many as fit),
+    `resources` (custom Ray resources, e.g. {"decode": 1}) to pin them to the nodes that advertise those, such as
+    CPU-only decode nodes beside the GPU nodes; `videos_per_task` videos each; failures counted by the skip counter
+    named `skip_counter`.
+    """
+
+    cpus: float
+    concurrency: int | None
+    resources: Mapping[str, float]
+    videos_per_task: int
+    skip_counter: str = DEFAULT_COUNTER
 
 
 def train_dataset(
     index: str | os.PathLike | pa.Table,
     *,
-    num_frames: int,
-    sampling_rate: int,
-    target_fps: float = 30.0,
-    crop_size: int = 224,
-    num_clips: int = 1,
-    short_side: tuple[int, int] = (256, 320),
-    random_resized_crop: bool = False,
-    crop_area: tuple[float, float] = (0.08, 1.0),
-    crop_aspect: tuple[float, float] = (3 / 4, 4 / 3),
-    flip: bool = True,
-    augments: tuple[ClipAugment, ...] = (),
-    cpus_per_task: float = 1.0,
-    concurrency: int | None = None,
-    resources: Mapping[str, float] | None = None,
-    videos_per_task: int = 16,
-    skip_counter_name: str = DEFAULT_COUNTER,
+    spec: ClipSpec,
+    transform: TrainTransform,
+    num_clips: int,
+    tasks: DecodeTasks,
 ) -> ray.data.Dataset:
     """Shuffled training clips: columns `clip` (uint8, T×crop×crop×3) and `label` (int64).
 
     Each video gives `num_clips` rows from one decode (repeated augmentation), each at its own random position
     with its own random crop.
     """
-    views = _TrainViews(
-        spec=ClipSpec(num_frames, sampling_rate, target_fps),
-        num_clips=num_clips,
-        transform=TrainTransform(
-            crop_size=crop_size,
-            short_side=short_side,
-            random_resized_crop=random_resized_crop,
-            crop_area=crop_area,
-            crop_aspect=crop_aspect,
-            flip=flip,
-            augments=tuple(augments),
-        ),
-    )
-    videos = _videos(index, videos_per_task).random_shuffle()
-    return _map(videos, views, cpus_per_task, concurrency, skip_counter_name, resources)
+    videos = _videos(index, tasks.videos_per_task).random_shuffle()
+    return _map(videos, _TrainViews(spec, num_clips, transform), tasks)
 
 
 def val_dataset(
-    index: str | os.PathLike | pa.Table,
-    *,
-    num_frames: int,
-    sampling_rate: int,
-    target_fps: float = 30.0,
-    crop_size: int = 224,
-    short_side: int = 256,
-    cpus_per_task: float = 1.0,
-    concurrency: int | None = None,
-    resources: Mapping[str, float] | None = None,
-    videos_per_task: int = 16,
-    skip_counter_name: str = DEFAULT_COUNTER,
+    index: str | os.PathLike | pa.Table, *, spec: ClipSpec, transform: EvalTransform, tasks: DecodeTasks
 ) -> ray.data.Dataset:
     """One deterministic view per video, for per-epoch validation: the centre clip, short side resized, centre
-    crop. Columns `clip` and `label`."""
-    views = _EvalViews(
-        ClipSpec(num_frames, sampling_rate, target_fps), 1, EvalTransform(short_side, crop_size, 1), False
-    )
-    return _map(_videos(index, videos_per_task), views, cpus_per_task, concurrency, skip_counter_name, resources)
+    crop (`transform` with one crop). Columns `clip` and `label`."""
+    return _map(_videos(index, tasks.videos_per_task), _EvalViews(spec, 1, transform, False), tasks)
 
 
 def test_dataset(
     index: str | os.PathLike | pa.Table,
     *,
-    num_frames: int,
-    sampling_rate: int,
-    target_fps: float = 30.0,
-    crop_size: int = 224,
-    short_side: int = 224,
-    num_temporal_clips: int = 5,
-    num_spatial_crops: int = 1,
-    cpus_per_task: float = 1.0,
-    concurrency: int | None = None,
-    resources: Mapping[str, float] | None = None,
-    videos_per_task: int = 4,
-    skip_counter_name: str = DEFAULT_COUNTER,
+    spec: ClipSpec,
+    transform: EvalTransform,
+    num_clips: int,
+    tasks: DecodeTasks,
 ) -> ray.data.Dataset:
-    """K uniformly spaced clips × 1 or 3 crops per video. Columns `clip`, `label`, `video_id` (the video's row in
-    the usable index) and `view` (temporal clip × num_spatial_crops + crop), for averaging predictions per video."""
-    views = _EvalViews(
-        ClipSpec(num_frames, sampling_rate, target_fps),
-        num_temporal_clips,
-        EvalTransform(short_side, crop_size, num_spatial_crops),
-        True,
-    )
-    return _map(_videos(index, videos_per_task), views, cpus_per_task, concurrency, skip_counter_name, resources)
+    """`num_clips` uniformly spaced clips × the transform's 1 or 3 crops per video. Columns `clip`, `label`,
+    `video_id` (the video's row in the usable index) and `view` (temporal clip × crops + crop), for averaging
+    predictions per video."""
+    return _map(_videos(index, tasks.videos_per_task), _EvalViews(spec, num_clips, transform, True), tasks)
 
 
 test_dataset.__test__ = False  # not a test, though pytest would collect it by name wherever it is imported
@@ -125,28 +91,19 @@ test_dataset.__test__ = False  # not a test, though pytest would collect it by n
 def _videos(index: str | os.PathLike | pa.Table, videos_per_task: int) -> ray.data.Dataset:
     usable, _ = read_usable(index)
     if usable.num_rows == 0:
-        raise ValueError("the index has no usable videos")
+        raise DataError("the index has no usable videos")
     usable = usable.append_column("video_id", pa.array(range(usable.num_rows), pa.int64()))
     return ray.data.from_arrow(usable, override_num_blocks=math.ceil(usable.num_rows / videos_per_task))
 
 
-def _map(
-    videos: ray.data.Dataset,
-    views: _TrainViews | _EvalViews,
-    cpus_per_task: float,
-    concurrency: int | None,
-    counter_name: str,
-    resources: Mapping[str, float] | None,
-) -> ray.data.Dataset:
-    """Decode tasks of `cpus_per_task` CPUs each; `resources` (custom Ray resources, e.g. {"decode": 1}) pins them
-    to the nodes that advertise those resources, such as CPU-only decode nodes beside the GPU nodes."""
+def _map(videos: ray.data.Dataset, views: _TrainViews | _EvalViews, tasks: DecodeTasks) -> ray.data.Dataset:
     return videos.map_batches(
-        _ClipMaker(views, skip_counter(counter_name), threads=max(1, int(cpus_per_task))),
+        _ClipMaker(views, skip_counter(tasks.skip_counter), threads=max(1, int(tasks.cpus))),
         batch_size=None,
         batch_format="pyarrow",
-        compute=ray.data.TaskPoolStrategy(size=concurrency),
-        num_cpus=cpus_per_task,
-        resources=dict(resources) if resources else None,
+        compute=ray.data.TaskPoolStrategy(size=tasks.concurrency),
+        num_cpus=tasks.cpus,
+        resources=dict(tasks.resources) or None,
     )
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from pipeline.manifest import ManifestError
+from pipeline.data.manifest import ManifestError
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
 KINETICS_COLUMNS = ("label", "youtube_id", "time_start", "time_end", "split")

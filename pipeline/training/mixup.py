@@ -6,6 +6,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.config import TrainConfig
+
 
 def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
     off = smoothing / num_classes
@@ -36,6 +38,18 @@ class MixupCutmix:
         self.switch_prob = switch_prob
         self.label_smoothing = label_smoothing
         self.rng = np.random.default_rng(seed)
+
+    @classmethod
+    def from_config(cls, train: TrainConfig, num_classes: int, seed: int) -> MixupCutmix:
+        return cls(
+            num_classes,
+            train.mixup_alpha,
+            train.cutmix_alpha,
+            train.mixup_prob,
+            train.mixup_switch_prob,
+            train.label_smoothing,
+            seed=seed,
+        )
 
     @property
     def enabled(self) -> bool:

@@ -1,4 +1,4 @@
-"""MLflow tracking: one run per training, metrics committed with checkpoints, artifacts and models from rank 0.
+"""Training runs in MLflow: one run per training, metrics committed with checkpoints, artifacts and models from rank 0.
 
 Why metrics go through a buffer: after a worker dies, training resumes from the last checkpoint and repeats the
 steps after it. Metrics are therefore logged only once the checkpoint that covers their step is committed; the
@@ -8,14 +8,25 @@ and none is logged twice with different values.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+
+from pipeline.config import flatten
+from pipeline.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from pipeline.training.job import TrainJob
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +41,7 @@ Metric = tuple[str, float, int, int]  # key, value, step, timestamp (ms)
 def resolve_tracking_uri(uri: str, base: Path) -> str:
     """Make a relative sqlite path absolute (Ray workers run elsewhere); refuse `file:` stores."""
     if uri.startswith("file:") or "://" not in uri:
-        raise ValueError(f"mlflow.tracking_uri '{uri}': file stores are not supported; use sqlite:/// or http://")
+        raise ConfigError(f"mlflow.tracking_uri '{uri}': file stores are not supported; use sqlite:/// or http://")
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return f"sqlite:///{(base / uri[len('sqlite:///') :]).resolve()}"
     return uri
@@ -162,6 +173,38 @@ class RunLogger:
 
     def close(self, status: str = "FINISHED") -> None:
         self._mlflow.end_run(status=status)
+
+
+class TrainingLogger(RunLogger):
+    """The run of one training: what it was given (params, config, labels, excluded videos) and what it made."""
+
+    @classmethod
+    def open(cls, job: TrainJob, run_id: str) -> TrainingLogger:
+        """Reopen the run on rank 0; params and inputs are logged on its first start only."""
+        logger = cls(job.config.mlflow.tracking_uri, run_id, job.config.mlflow.system_metrics)
+        logger.log_params_once(flatten(dataclasses.asdict(job.config)))
+        logger.log_text(job.config_yaml, "config.yaml")
+        logger.log_text("\n".join(job.labels) + "\n", "labels.txt")
+        if job.excluded:
+            logger.log_text("".join(f"{path}\t{reason}\n" for path, reason in job.excluded), "excluded_videos.tsv")
+        return logger
+
+    def log_models(self, model: nn.Module, best_state: dict | None, job: TrainJob) -> None:
+        """The final and best models, each with an input example; the best one registered if configured."""
+        settings = job.config.mlflow
+        if not settings.log_models:
+            return
+        if self.client.get_run(self.run_id).data.tags.get("mvit.models_logged") == "true":
+            return
+        frames, height, width = job.input_size
+        # Batch 2: torch.export specialises a dimension whose example size is 0 or 1.
+        example = np.zeros((2, 3, frames, height, width), dtype=np.float32)
+        final = model.to("cpu").eval()
+        self.log_model(final, "model", example, None)
+        if best_state is not None:
+            final.load_state_dict(best_state)
+            self.log_model(final, "best_model", example, settings.registered_model_name)
+        self.client.set_tag(self.run_id, "mvit.models_logged", "true")
 
 
 def end_run(tracking_uri: str, run_id: str, status: str) -> None:

@@ -20,7 +20,8 @@ import av
 import numpy as np
 import pyarrow as pa
 
-from pipeline.manifest import LABEL_MAP_NAME, write_label_map, write_manifest
+from pipeline.errors import ConfigError
+from pipeline.data.manifest import LABEL_MAP_NAME, write_label_map, write_manifest
 
 MOTIONS = (
     "moving left",
@@ -61,9 +62,9 @@ def make_demo_dataset(
 ) -> DemoDataset:
     """Write videos/, train.csv, val.csv and labels.txt under out_dir; the last val_fraction of each class is val."""
     if not 1 <= num_classes <= len(MOTIONS):
-        raise ValueError(f"num_classes must be 1..{len(MOTIONS)}, got {num_classes}")
+        raise ConfigError(f"num_classes must be 1..{len(MOTIONS)}, got {num_classes}")
     if size < 32 or size % 2 or num_frames < 2:
-        raise ValueError("size must be even and at least 32, and num_frames at least 2")
+        raise ConfigError("size must be even and at least 32, and num_frames at least 2")
     root = Path(out_dir)
     val_per_class = round(videos_per_class * val_fraction)
     splits: dict[str, list[tuple[str, int]]] = {"train": [], "val": []}

@@ -1,0 +1,120 @@
+"""Multi-view testing as Ray Data batch inference: model replicas in an actor pool score every view of every video,
+and the driver averages the softmax scores of each video's views, as the paper's K×S testing does."""
+
+from __future__ import annotations
+
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+from pipeline.config import EvaluationJobConfig
+from pipeline.data.dataset import DecodeTasks, test_dataset
+from pipeline.data.index import ensure_index, read_usable
+from pipeline.data.skips import skip_counter
+from pipeline.data.transforms import Normalise
+from pipeline.errors import DataError
+from pipeline.evaluation.loading import LoadedModel, ModelReference, load_model
+from pipeline.evaluation.metrics import EvaluationResult, average_views, summarise
+from pipeline.evaluation.views import ClipSettings, clip_settings, model_reference
+from pipeline.precision import autocast, resolve_precision
+from pipeline.tracking.evaluation import log_evaluation
+
+
+class ViewScorer:
+    """One model replica (a Ray Data actor): uint8 views in, softmax scores out, in the configured precision."""
+
+    def __init__(self, reference: ModelReference, mean: list[float], std: list[float], precision: str) -> None:
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = load_model(reference).module.to(self.device).eval()
+        self.normalise = Normalise(mean, std, self.device)
+        self.precision = resolve_precision(precision, self.device)
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        clips = self.normalise(torch.from_numpy(np.ascontiguousarray(batch["clip"])))
+        with autocast(self.precision, self.device):
+            logits = self.model(clips)
+        scores = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+        return {"video_id": batch["video_id"], "label": batch["label"], "scores": scores}
+
+
+def score_views(
+    views: ray.data.Dataset,
+    video_paths: list[str],
+    reference: ModelReference,
+    loaded: LoadedModel,
+    settings: ClipSettings,
+    cfg: EvaluationJobConfig,
+) -> EvaluationResult:
+    """Run every view through an actor pool of model replicas and reduce to per-video results."""
+    evaluate = cfg.evaluate
+    scored = views.map_batches(
+        ViewScorer,
+        fn_constructor_kwargs={
+            "reference": reference,
+            "mean": settings.mean,
+            "std": settings.std,
+            "precision": evaluate.precision,
+        },
+        batch_size=evaluate.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=evaluate.replicas),
+        num_gpus=1 if evaluate.use_gpu else 0,
+        num_cpus=evaluate.cpus_per_replica,
+    )
+    num_classes = len(loaded.labels)
+    video_ids, labels, scores = average_views(scored.iter_batches(batch_size=None, batch_format="numpy"), num_classes)
+    paths = [video_paths[i] for i in video_ids]
+    return summarise(paths, labels, scores, num_classes)
+
+
+@dataclass
+class EvaluationReport:
+    """An evaluation and what it could not use: videos excluded by probing and videos that failed to decode."""
+
+    result: EvaluationResult
+    excluded: list[tuple[str, str]]
+    skipped: dict[str, str]
+    loaded: LoadedModel
+    run_id: str
+
+
+def run_evaluation(cfg: EvaluationJobConfig, explicit: set[str], base: Path) -> EvaluationReport:
+    """K×S-view testing of a model on `data.test`, logged to a new MLflow run tagged with the training run."""
+    reference = model_reference(cfg, base)
+    loaded = load_model(reference)
+    settings = clip_settings(cfg, loaded, explicit)
+    if not cfg.data.test:
+        raise DataError("data.test is not set (a manifest or an index of the videos to evaluate)")
+    test_source = str((base / cfg.data.test).resolve())
+    cached = Path(tempfile.mkdtemp(prefix="mvit-eval-")) / "test_index.parquet"
+    root = str((base / cfg.data.root).resolve()) if cfg.data.root else None
+    data = cfg.data
+    source = ensure_index(
+        test_source, cached, root, data.allow_outside_root, data.cpus_per_task, data.decode_concurrency
+    )
+    usable, excluded = read_usable(source)
+    if usable.num_rows == 0:
+        raise DataError(f"data.test {test_source}: no usable videos ({len(excluded)} unusable)")
+    tasks = DecodeTasks(
+        cpus=data.cpus_per_task,
+        concurrency=data.decode_concurrency,
+        resources=dict(data.decode_resources),
+        videos_per_task=cfg.evaluate.videos_per_task,
+        skip_counter=f"skips-eval-{uuid.uuid4().hex[:8]}",
+    )
+    views = test_dataset(
+        usable,
+        spec=settings.spec,
+        transform=settings.transform(data.test_crops),
+        num_clips=data.test_clips,
+        tasks=tasks,
+    )
+    result = score_views(views, usable.column("path").to_pylist(), reference, loaded, settings, cfg)
+    skipped = ray.get(skip_counter(tasks.skip_counter).reasons.remote())
+    run_id = log_evaluation(cfg, reference, loaded, result, excluded, skipped)
+    return EvaluationReport(result, excluded, skipped, loaded, run_id)

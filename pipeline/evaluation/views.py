@@ -1,0 +1,80 @@
+"""What evaluation and prediction share: which model to load, and the test views it must be fed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.checkpoints import latest_checkpoint
+from pipeline.config import EvaluationJobConfig
+from pipeline.data.manifest import read_label_map
+from pipeline.data.sampling import ClipSpec, uniform_clips
+from pipeline.data.transforms import EvalTransform
+from pipeline.data.video import decode_frames, probe
+from pipeline.evaluation.loading import LoadedModel, ModelReference, ModelSourceError
+from pipeline.tracking import resolve_tracking_uri
+
+CLIP_KEYS = ("num_frames", "sampling_rate", "target_fps", "crop_size", "test_short_side", "mean", "std")
+
+
+def model_reference(cfg: EvaluationJobConfig, base: Path) -> ModelReference:
+    """The model this config names (with no `model`, the newest checkpoint of `run.name`), paths made absolute."""
+    reference = cfg.model
+    if not reference:
+        found = latest_checkpoint(str((base / cfg.run.storage_path).resolve()), cfg.run.name)
+        if found is None:
+            raise ModelSourceError(
+                f"no model given and no checkpoint under {cfg.run.storage_path}/{cfg.run.name}; pass model=PATH_OR_URI"
+            )
+        reference = str(found)
+    elif "://" not in reference and ":/" not in reference:
+        reference = str((base / reference).resolve())
+    return ModelReference(
+        reference=reference,
+        source=cfg.model_source,
+        model_name=cfg.model_name,
+        labels=read_label_map((base / cfg.labels).resolve()) if cfg.labels else None,
+        tracking_uri=resolve_tracking_uri(cfg.mlflow.tracking_uri, base),
+    )
+
+
+@dataclass(frozen=True)
+class ClipSettings:
+    """How views are cut and normalised for a model: its training settings unless the command line says otherwise."""
+
+    num_frames: int
+    sampling_rate: int
+    target_fps: float
+    crop_size: int
+    test_short_side: int
+    mean: list[float]
+    std: list[float]
+
+    @property
+    def spec(self) -> ClipSpec:
+        return ClipSpec(self.num_frames, self.sampling_rate, self.target_fps)
+
+    def transform(self, num_crops: int) -> EvalTransform:
+        return EvalTransform(self.test_short_side, self.crop_size, num_crops)
+
+
+def clip_settings(cfg: EvaluationJobConfig, loaded: LoadedModel, explicit: set[str]) -> ClipSettings:
+    """Each clip setting from the model's training config, unless `data.KEY` is in `explicit` (set by the user)."""
+    values = {}
+    for key in CLIP_KEYS:
+        trained = loaded.data.get(key)
+        values[key] = getattr(cfg.data, key) if f"data.{key}" in explicit or trained is None else trained
+    values["mean"], values["std"] = list(values["mean"]), list(values["std"])
+    return ClipSettings(**values)
+
+
+def video_views(path: str, settings: ClipSettings, num_clips: int, num_crops: int) -> np.ndarray:
+    """The K×S test views of one video, uint8 (views, T, H, W, 3), exactly as
+    `pipeline.data.dataset.test_dataset` cuts them; raises `VideoDecodeError` naming the file."""
+    info = probe(path)
+    clips = uniform_clips(info.num_frames, info.fps, settings.spec, num_clips)
+    frames = decode_frames(path, np.concatenate([clip.indices for clip in clips]), info)
+    transform = settings.transform(num_crops)
+    return np.stack([view for clip in np.split(frames, len(clips)) for view in transform(clip)])

@@ -1,0 +1,28 @@
+"""All MLflow code: training runs (params, metrics committed with checkpoints, artifacts, models) and evaluations.
+
+Nothing else in the project imports mlflow, so what a run holds is decided here.
+"""
+
+from pipeline.tracking.runs import (
+    Metric,
+    RunLogger,
+    TrainingLogger,
+    end_run,
+    get_or_create_run,
+    now_ms,
+    redact,
+    resolve_tracking_uri,
+    safe_params,
+)
+
+__all__ = [
+    "Metric",
+    "RunLogger",
+    "TrainingLogger",
+    "end_run",
+    "get_or_create_run",
+    "now_ms",
+    "redact",
+    "resolve_tracking_uri",
+    "safe_params",
+]

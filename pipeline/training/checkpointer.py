@@ -1,0 +1,108 @@
+"""The worker's saved state: where training is, the best weights, the MLflow run, and the metrics not yet logged.
+
+Metrics wait in :class:`LoopState` until the checkpoint that covers their step is reported; only then are they
+handed to MLflow. The buffer travels inside the checkpoint, so a worker group restarted from it logs exactly the
+steps MLflow has not seen: none lost, none twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray.train
+import torch
+from torch import nn
+
+from pipeline import checkpoints
+from pipeline.tracking import Metric, now_ms
+from pipeline.training.job import TrainJob
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoopState:
+    """What a checkpoint carries besides the weights: where training is, and what MLflow has not been told yet."""
+
+    epoch: int = 0  # the epoch in progress (or the next one, at an epoch boundary)
+    step: int = 0  # optimizer steps taken over the whole run
+    step_in_epoch: int = 0
+    best_top1: float = -1.0
+    skipped_before: int = 0  # skip-counter total when the epoch began
+    pending: list[Metric] = field(default_factory=list)  # metrics waiting for their checkpoint to commit
+
+
+class Checkpointer:
+    """Restores and saves one worker's state through Ray Train; rank 0 writes, every rank reports."""
+
+    def __init__(
+        self,
+        job: TrainJob,
+        rank: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+    ) -> None:
+        self.job, self.rank = job, rank
+        self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.state = LoopState()
+        self.best_model: dict[str, torch.Tensor] | None = None
+        self.run_id = job.mlflow_run_id
+        self.on_commit: Callable[[list[Metric]], None] | None = None  # rank 0's MLflow logger, once it is open
+
+    def restore(self, device: torch.device) -> None:
+        """Continue from Ray Train's latest checkpoint of this run, if there is one."""
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return
+        with checkpoint.as_directory() as folder:
+            saved = checkpoints.load_state(folder, map_location=device)
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        if saved["scaler"]:  # empty when saved without fp16: a run may switch precision when it resumes
+            self.scaler.load_state_dict(saved["scaler"])
+        self.state = LoopState(**saved["loop"])
+        self.best_model = saved.get("best_model")
+        self.run_id = saved["mlflow_run_id"]
+        log.info("rank %d resumed at epoch %d, step %d", self.rank, self.state.epoch, self.state.step)
+
+    def record(self, key: str, value: float) -> None:
+        """Buffer one metric at the current step until the next checkpoint commits it."""
+        self.state.pending.append((key, float(value), self.state.step, now_ms()))
+
+    def keep_best(self) -> None:
+        """The current weights become the best model (a CPU copy, carried by every later checkpoint)."""
+        self.best_model = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    def save(self, metrics: dict[str, Any]) -> None:
+        """Report `metrics` with a checkpoint (rank 0 writes it), then commit the buffered metrics to MLflow."""
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint = None
+            if self.rank == 0:
+                checkpoints.save_state(folder, self._payload())
+                checkpoint = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(metrics, checkpoint=checkpoint)
+        if self.on_commit is not None:
+            self.on_commit(self.state.pending)
+        self.state.pending = []
+
+    def _payload(self) -> dict[str, Any]:
+        job = self.job
+        return {
+            "model": self.model.state_dict(),
+            "model_name": job.config.model.name,
+            "num_classes": job.num_classes,
+            "input_size": list(job.input_size),
+            "labels": job.labels,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "loop": dataclasses.asdict(self.state),
+            "best_model": self.best_model,
+            "mlflow_run_id": self.run_id,
+            "config": dataclasses.asdict(job.config),
+        }
