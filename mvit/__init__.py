@@ -1,9 +1,9 @@
-"""MViT: Multiscale Vision Transformers (Fan et al., ICCV 2021) in pure PyTorch.
+"""MViT: Multiscale Vision Transformers (Fan et al., ICCV 2021) and MViTv2 (Li et al., CVPR 2022) in pure PyTorch.
 
-Build a preset with :func:`create_model`, list them with :func:`list_models`, import weights with
-:func:`load_pretrained`, and count parameters and multiply-adds with :func:`count_parameters` and
-:func:`count_gmacs`, and see which attention kernel every block gets with :func:`sdpa_backends`. Custom architectures
-are a :class:`MViTConfig` of per-block :class:`BlockConfig`.
+Build a preset with :func:`create_model`, list them with :func:`list_models`, import weights of torchvision,
+PySlowFast or pytorchvideo with :func:`load_pretrained` (the weight sources are :data:`SOURCES`), count parameters
+and multiply-adds with :func:`count_parameters` and :func:`count_gmacs`, and see which attention kernel every block
+gets with :func:`sdpa_backends`. Custom architectures are a :class:`MViTConfig` of per-block :class:`BlockConfig`.
 """
 
 from .backends import attention_shapes, sdpa_backends
