@@ -16,11 +16,12 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from conf import CONF_DIR
+from mvit.sources import SOURCES
 
 DEFAULT_CONFIG = CONF_DIR / "default.yaml"
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 CROP_MODES = ("short_side_jitter", "inception")
-PRETRAINED_SOURCES = ("native", "torchvision", "pyslowfast", "pytorchvideo")
+PRETRAINED_SOURCES = SOURCES  # mvit's one list of weight sources (importing it does not import torch)
 
 
 class ConfigError(ValueError):
@@ -158,7 +159,7 @@ class EvaluationJobConfig:
     """`jobs.evaluate` and `jobs.predict`: a model reference, and the data/run/mlflow/scaling sections of training."""
 
     model: str = MISSING  # checkpoint folder, .pt file, runs:/ or models:/ URI, or a foreign checkpoint; "": latest
-    model_source: str = MISSING  # auto | torchvision | pyslowfast | pytorchvideo
+    model_source: str = MISSING  # auto | one of mvit.SOURCES
     model_name: str | None = None  # the preset, for checkpoints that don't name it
     labels: str = MISSING  # label map; "": the model's own
     top_k: int = MISSING

@@ -17,7 +17,7 @@ import mvit
 from pipeline import checkpointing
 from pipeline.manifest import read_label_map
 
-FOREIGN_SOURCES = ("torchvision", "pyslowfast", "pytorchvideo")
+FOREIGN_SOURCES = tuple(source for source in mvit.SOURCES if source != "native")
 
 
 class ModelSourceError(ValueError):
