@@ -21,7 +21,9 @@ Configs (``configs/Kinetics/MVIT_B_16x4_CONV.yaml``, ``MVIT_B_32x3_CONV.yaml``, 
 ``MVITv2_B_32x3.yaml``, ``configs/ImageNet/MVIT_B_16_CONV.yaml``, ``MVITv2_S.yaml``) are the ``SPECS`` below; unset
 keys take ``slowfast/config/defaults.py``'s values (POOL_KVQ_KERNEL None: kernel s + 1; SEP_POS_EMBED False;
 USE_ABS_POS True; CLS_EMBED_ON True). The ImageNet MViTv2-S list of K/V strides is the adaptive rule from 1×4×4.
-PySlowFast's head applies softmax outside training; the logits compared are before it.
+PySlowFast's head applies softmax outside training; the logits compared are before it. PySlowFast asserts that an
+input has the size the model was built for; here models without absolute embeddings (MViTv2) take other sizes too,
+so that its interpolation of the relative-position tables (``get_rel_pos``) can be compared.
 """
 
 from __future__ import annotations
@@ -244,7 +246,8 @@ class PatchEmbed(nn.Module):
         self.proj = (nn.Conv2d if conv_2d else nn.Conv3d)(3, dim, kernel, stride, padding)
 
     def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)
+        x = self.proj(x)
+        return x.flatten(2).transpose(1, 2), [1, *x.shape[2:]] if x.ndim == 4 else list(x.shape[2:])
 
 
 class PySlowFastMViT(nn.Module):
@@ -325,7 +328,9 @@ class PySlowFastMViT(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.get("PATCH_2D") and x.ndim == 5:
             x = x[:, :, 0]
-        x = self.patch_embed(x)
+        x, thw = self.patch_embed(x)
+        if self.use_abs_pos:  # PySlowFast asserts the size it was built for; v2 models here may take others
+            assert thw == self.patch_dims, (thw, self.patch_dims)
         if self.has_cls:
             x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
         if self.use_abs_pos and self.sep_pos_embed:
@@ -337,7 +342,6 @@ class PySlowFastMViT(nn.Module):
             x = x + pos
         elif self.use_abs_pos:
             x = x + self.pos_embed
-        thw = list(self.patch_dims)
         for block in self.blocks:
             x, thw = block(x, thw)
         x = self.norm(x)
