@@ -8,7 +8,7 @@ import torch
 import mvit
 
 # (preset, published params, published GMACs) -- torchvision's exact figures for mvit_b_16x4 and mvit_v2_s_16x4,
-# the papers' otherwise (MViT: Tables 3c, 4, 6, 17; MViTv2: Tables 2 and 5)
+# the papers' otherwise (MViT: Tables 3c, 4, 17 and its Kinetics-600 table for MViT-B-24; MViTv2: K400, ImageNet)
 PUBLISHED = [
     ("mvit_b_16x4", 36_610_672, 70.599),
     ("mvit_b_32x3", 36.6e6, 170.0),
