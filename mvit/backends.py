@@ -125,6 +125,10 @@ def _try_backend(
             reasons = [str(w.message).splitlines()[0] for w in caught]
             if not reasons:  # CPU builds have no kernel for the CUDA-only backends and say only "no viable backend"
                 reasons = [f"no {q.device.type} kernel" if q.device.type == "cpu" else str(error).splitlines()[0]]
+            unstated = all(r.split("because:")[-1].strip().startswith("(Triggered") for r in reasons)
+            if mask is not None and mask.requires_grad and unstated:
+                # PyTorch's CPU checks name no reason here; the kernel takes the mask but not its gradient
+                reasons = [f"no {q.device.type} kernel gives the gradient of a float mask"]
             return False, "; ".join(reasons)
     return True, "runs"
 

@@ -144,3 +144,12 @@ def test_set_pool_norm_eps_reaches_every_pooling_norm() -> None:
     norms = [p.norm for b in model.blocks for p in (b.attn.pool_q, b.attn.pool_k, b.attn.pool_v) if p is not None]
     assert len(norms) == 12 and {norm.eps for norm in norms} == {1e-5}
     assert model.config.pool_norm_eps == 1e-5 and {b.norm1.eps for b in model.blocks} == {1e-6}
+
+
+def test_sdpa_report_covers_the_mask() -> None:
+    """CPU: flash takes the bf16 mask in inference; in training it cannot give the mask's gradient, so math runs."""
+    model = mvit.create_model("mvit_v2_tiny")
+    for backward, chosen in ((False, "FLASH_ATTENTION"), (True, "MATH")):
+        report = mvit.sdpa_backends(model, (2, 3, 8, 64, 64), torch.bfloat16, "cpu", backward=backward)
+        assert all(block.shape.mask and block.chosen == chosen for block in report)
+    assert report[0].reasons["FLASH_ATTENTION"] == "no cpu kernel gives the gradient of a float mask"
