@@ -91,7 +91,7 @@ _LAYOUT_MARKERS: dict[str, list[tuple[str, str]]] = {
     "pyslowfast": [
         (r"^patch_embed\.proj\.", "patch_embed.proj"),
         (r"^cls_token$", "cls_token"),
-        (r"^pos_embed(_spatial)?$", "pos_embed_spatial"),
+        (r"^pos_embed(_spatial)?$", "pos_embed"),
         (r"^head\.projection\.", "head.projection"),
     ],
     "pytorchvideo": [
