@@ -34,7 +34,9 @@ class AttentionShape:
     """q is (batch, heads, q_length, head_dim); k and v are (batch, heads, kv_length, head_dim).
 
     An unpooled q (or k and v) is a strided view of the fused qkv projection, not a contiguous tensor; kernels have
-    stride requirements, so the report reproduces that layout.
+    stride requirements, so the report reproduces that layout. ``mask``: the block passes its relative-position
+    bias, a (batch, heads, q_length, kv_length) float tensor in q's dtype (MViTv2); backends differ in whether they
+    take one, and in training whether they give its gradient.
     """
 
     batch: int
@@ -44,6 +46,7 @@ class AttentionShape:
     head_dim: int
     q_is_view: bool
     kv_is_view: bool
+    mask: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ def attention_shapes(model: MViT, input_shape: Sequence[int]) -> list[AttentionS
     """
     batch, spatial = input_shape[0], tuple(input_shape[2:])
     grid = patch_grid(model.config, spatial if len(spatial) == 3 else (1, *spatial))
+    extra = int(model.config.class_token)
     shapes = []
     for block in model.config.blocks:
         q_grid, kv_grid = grid, grid
@@ -72,16 +76,17 @@ def attention_shapes(model: MViT, input_shape: Sequence[int]) -> list[AttentionS
         if not block.pool_k.is_identity:
             kv_grid = pooled_grid(grid, block.pool_k.kernel, block.pool_k.stride, block.pool_k.resolved_padding)
         heads = block.num_heads
-        q_length, kv_length = 1 + math.prod(q_grid), 1 + math.prod(kv_grid)
+        q_length, kv_length = extra + math.prod(q_grid), extra + math.prod(kv_grid)
         shapes.append(
             AttentionShape(
                 batch,
                 heads,
                 q_length,
                 kv_length,
-                block.dim_in // heads,
+                block.attn_dim // heads,
                 block.pool_q.is_identity,
                 block.pool_k.is_identity,
+                block.rel_pos_spatial or block.rel_pos_temporal,
             )
         )
         grid = q_grid
@@ -100,7 +105,12 @@ def _attention_input(
 
 
 def _try_backend(
-    backend: SDPBackend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backward: bool
+    backend: SDPBackend,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    backward: bool,
 ) -> tuple[bool, str]:
     """Run attention with only ``backend`` allowed; a backend that cannot take these inputs raises, and PyTorch
     warns the reason first."""
@@ -108,13 +118,17 @@ def _try_backend(
         warnings.simplefilter("always")
         try:
             with sdpa_kernel([backend]):
-                out = F.scaled_dot_product_attention(q, k, v)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
                 if backward:
                     out.sum().backward()
         except RuntimeError as error:
             reasons = [str(w.message).splitlines()[0] for w in caught]
             if not reasons:  # CPU builds have no kernel for the CUDA-only backends and say only "no viable backend"
                 reasons = [f"no {q.device.type} kernel" if q.device.type == "cpu" else str(error).splitlines()[0]]
+            unstated = all(r.split("because:")[-1].strip().startswith("(Triggered") for r in reasons)
+            if mask is not None and mask.requires_grad and unstated:
+                # PyTorch's CPU checks name no reason here; the kernel takes the mask but not its gradient
+                reasons = [f"no {q.device.type} kernel gives the gradient of a float mask"]
             return False, "; ".join(reasons)
     return True, "runs"
 
@@ -126,8 +140,9 @@ def sdpa_backends(
     device: torch.device | str = "cpu",
     backward: bool = False,
 ) -> list[BlockBackends]:
-    """For each block, which SDPA backends can run its q/k/v shapes in ``dtype`` on ``device`` (with their backward
-    pass too when ``backward``), and which one ``scaled_dot_product_attention`` picks when all are allowed.
+    """For each block, which SDPA backends can run its q/k/v shapes (and relative-position mask) in ``dtype`` on
+    ``device`` (with their backward pass too when ``backward``), and which one ``scaled_dot_product_attention``
+    picks when all are allowed.
 
     Blocks with the same shapes are tried once. Only the model's configuration is read, not its weights.
     """
@@ -139,8 +154,12 @@ def sdpa_backends(
             q = _attention_input(shape, shape.q_length, shape.q_is_view, dtype, device, backward)
             k = _attention_input(shape, shape.kv_length, shape.kv_is_view, dtype, device, backward)
             v = _attention_input(shape, shape.kv_length, shape.kv_is_view, dtype, device, backward)
-            chosen = SDPBackend(torch._fused_sdp_choice(q, k, v)).name  # the dispatcher's own choice
-            outcomes = {backend.name: _try_backend(backend, q, k, v, backward) for backend in BACKENDS}
+            mask = None
+            if shape.mask:
+                mask_size = (shape.batch, shape.heads, shape.q_length, shape.kv_length)
+                mask = torch.randn(mask_size, device=device, dtype=dtype, requires_grad=backward)
+            chosen = SDPBackend(torch._fused_sdp_choice(q, k, v, mask)).name  # the dispatcher's own choice
+            outcomes = {backend.name: _try_backend(backend, q, k, v, mask, backward) for backend in BACKENDS}
             tried[shape] = (
                 chosen,
                 {name: ok for name, (ok, _) in outcomes.items()},

@@ -45,37 +45,56 @@ class MultiscaleBlock(nn.Module):
     """X₁ = P(X; Θ_skip) + MHPA(LN(X));  out = skip(LN(X₁)) + MLP(LN(X₁)).
 
     When queries are pooled the attention output lies on a coarser grid, so the residual is pooled to match.
-    When the MLP widens the channels, the residual is a Linear on the *normalised* input of the MLP (paper, Fig. A.5a).
+    Where the block widens the channels, the residual is widened by a Linear on a normalised input: in MViT v1 the
+    MLP widens and the Linear takes the MLP's input LN(X₁) (paper, Fig. A.5a); with ``dim_mul_in_att`` (MViTv2)
+    attention widens and the Linear takes LN(X) before the pooling, so that skip(·) is the identity.
     """
 
     def __init__(
         self,
         block: BlockConfig,
+        grid: Grid,
         mlp_ratio: float,
         drop_path: float,
         norm_eps: float = 1e-6,
+        pool_norm_eps: float = 1e-6,
         pool_memory_format: PoolMemoryFormat = "contiguous",
+        class_token: bool = True,
     ) -> None:
         super().__init__()
+        self.dim_mul_in_att = block.dim_mul_in_att
         self.norm1 = nn.LayerNorm(block.dim_in, eps=norm_eps)
-        self.attn = MultiHeadPoolingAttention(block, norm_eps, pool_memory_format)
+        self.attn = MultiHeadPoolingAttention(block, grid, pool_norm_eps, pool_memory_format, class_token)
         skip = skip_pool_config(block.pool_q)
         self.skip_pool = (
             None
             if skip is None
             else TokenPool(
-                "max", block.dim_in, skip.kernel, skip.stride, skip.resolved_padding, memory_format=pool_memory_format
+                "max",
+                block.dim_in,
+                skip.kernel,
+                skip.stride,
+                skip.resolved_padding,
+                memory_format=pool_memory_format,
+                class_token=class_token,
             )
         )
         self.drop_path = DropPath(drop_path)
-        self.norm2 = nn.LayerNorm(block.dim_in, eps=norm_eps)
-        self.mlp = Mlp(block.dim_in, int(block.dim_in * mlp_ratio), block.dim_out)
+        self.norm2 = nn.LayerNorm(block.attn_dim, eps=norm_eps)
+        self.mlp = Mlp(block.attn_dim, int(block.attn_dim * mlp_ratio), block.dim_out)
         self.skip_proj = nn.Linear(block.dim_in, block.dim_out) if block.dim_in != block.dim_out else None
 
     def forward(self, x: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, Grid]:
-        attended, out_grid = self.attn(self.norm1(x), grid)
-        residual = x if self.skip_pool is None else self.skip_pool(x, grid)[0]
+        normed = self.norm1(x)
+        attended, out_grid = self.attn(normed, grid)
+        residual = x
+        if self.skip_proj is not None and self.dim_mul_in_att:
+            residual = self.skip_proj(normed)
+        if self.skip_pool is not None:
+            residual = self.skip_pool(residual, grid)[0]
         x = residual + self.drop_path(attended)
         normed = self.norm2(x)
-        residual = x if self.skip_proj is None else self.skip_proj(normed)
+        residual = x
+        if self.skip_proj is not None and not self.dim_mul_in_att:
+            residual = self.skip_proj(normed)
         return residual + self.drop_path(self.mlp(normed)), out_grid

@@ -36,11 +36,16 @@ class PoolConfig:
 
 @dataclass(frozen=True)
 class BlockConfig:
-    """One transformer block: attention at ``dim_in`` with ``num_heads`` heads, MLP from ``dim_in`` to ``dim_out``.
+    """One transformer block: attention with ``num_heads`` heads, then an MLP that ends at ``dim_out`` channels.
 
     ``pool_q`` pools queries (stride > 1 only in the first block of a stage); ``pool_k`` and ``pool_v`` pool keys and
-    values and must share a stride. ``dim_out != dim_in`` only in the last block of a stage, where the MLP widens
-    the channels for the next stage.
+    values and must share a stride. Where ``dim_out != dim_in`` the block widens the channels for the next stage:
+    in MViT v1 the MLP does it (attention runs at ``dim_in``, in the last block of a stage); with ``dim_mul_in_att``
+    (MViTv2) the q/k/v projection does it (attention runs at ``dim_out``, in the first block of a stage).
+
+    The MViTv2 options (Li et al., CVPR 2022): ``rel_pos_spatial`` and ``rel_pos_temporal`` add decomposed relative
+    positional embeddings (learnt tables over height, width and time distances) to the attention logits, and
+    ``residual_pooling`` adds the pooled query to the attention output of every grid token.
     """
 
     dim_in: int
@@ -50,11 +55,32 @@ class BlockConfig:
     pool_k: PoolConfig = field(default_factory=PoolConfig)
     pool_v: PoolConfig = field(default_factory=PoolConfig)
     pool_mode: PoolMode = "conv"
+    dim_mul_in_att: bool = False
+    rel_pos_spatial: bool = False
+    rel_pos_temporal: bool = False
+    residual_pooling: bool = False
+
+    @property
+    def attn_dim(self) -> int:
+        """Channels of q, k, v and the attention output: ``dim_out`` with ``dim_mul_in_att``, else ``dim_in``."""
+        return self.dim_out if self.dim_mul_in_att else self.dim_in
+
+    @property
+    def is_v2(self) -> bool:
+        """Uses any MViTv2 feature."""
+        return self.dim_mul_in_att or self.rel_pos_spatial or self.rel_pos_temporal or self.residual_pooling
 
 
 @dataclass(frozen=True)
 class MViTConfig:
     """A whole model. The embedding dimension is ``blocks[0].dim_in``; the head width is ``blocks[-1].dim_out``.
+
+    ``class_token`` prepends a learnt token whose final state feeds the head; without it (PySlowFast's ImageNet
+    MViTv2) the head takes the mean of the normalised tokens. ``abs_pos_embed`` adds the separable absolute
+    positional embedding of MViT v1; MViTv2 models drop it for relative positions. ``norm_eps`` is the epsilon of
+    the block and head LayerNorms, ``pool_norm_eps`` that of the LayerNorms after the q/k/v pooling convs: 1e-6 in
+    torchvision, PySlowFast since MViTv2 and pytorchvideo's main branch, 1e-5 in pytorchvideo 0.1.5 and PySlowFast's
+    earlier code; :func:`mvit.load_pretrained` sets it to the value of the checkpoint's source.
 
     The last two fields choose how the model runs, not what it computes: ``pool_memory_format`` is the layout of
     the pooled volumes (see :class:`~mvit.pooling.TokenPool`), and ``activation_checkpointing`` recomputes each
@@ -72,6 +98,9 @@ class MViTConfig:
     drop_path_rate: float = 0.0
     head_dropout: float = 0.5
     norm_eps: float = 1e-6
+    class_token: bool = True
+    abs_pos_embed: bool = True
+    pool_norm_eps: float = 1e-6
     pool_memory_format: PoolMemoryFormat = "contiguous"
     activation_checkpointing: bool = False
 
@@ -118,8 +147,15 @@ def _check_block(block: BlockConfig, index: int, previous_dim: int | None) -> No
             raise _block_error(index, name, f"must be a positive int, got {value!r}")
     if previous_dim is not None and block.dim_in != previous_dim:
         raise _block_error(index, "dim_in", f"{block.dim_in} != dim_out {previous_dim} of block {index - 1}")
-    if block.dim_in % block.num_heads:
-        raise _block_error(index, "num_heads", f"dim_in {block.dim_in} is not divisible by num_heads {block.num_heads}")
+    for name in ("dim_mul_in_att", "rel_pos_spatial", "rel_pos_temporal", "residual_pooling"):
+        if not isinstance(getattr(block, name), bool):
+            raise _block_error(index, name, f"must be True or False, got {getattr(block, name)!r}")
+    width = "dim_out" if block.dim_mul_in_att else "dim_in"
+    if block.attn_dim % block.num_heads:
+        where = " (the attention width with dim_mul_in_att)" if block.dim_mul_in_att else ""
+        raise _block_error(
+            index, "num_heads", f"{width} {block.attn_dim}{where} is not divisible by num_heads {block.num_heads}"
+        )
     if block.pool_mode not in POOL_MODES:
         raise _block_error(index, "pool_mode", f"must be one of {POOL_MODES}, got {block.pool_mode!r}")
     for name in ("pool_q", "pool_k", "pool_v"):
@@ -182,6 +218,30 @@ def block_grids(blocks: Sequence[BlockConfig], token_grid: Grid, where: str = ""
     return grids
 
 
+def rel_pos_lengths(block: BlockConfig, grid: Grid) -> tuple[int, int]:
+    """Lengths of a block's (spatial, temporal) relative-position tables when its input lies on ``grid``.
+
+    The rule of PySlowFast and torchvision, so that their checkpoints have these shapes: with s = max(H, W), the
+    spatial tables cover 2·max(s // q_stride, s // kv_stride) − 1 distances (strides along H), the temporal one
+    2·T − 1. Other grids interpolate the tables to the distances they need (see :mod:`mvit.relative_position`).
+    """
+    size = max(grid[1:])
+    spatial = 2 * max(size // block.pool_q.stride[1], size // block.pool_k.stride[1]) - 1
+    return spatial, 2 * grid[0] - 1
+
+
+def _check_rel_pos(blocks: Sequence[BlockConfig], grids: list[Grid], token_grid: Grid, where: str) -> None:
+    for index, (block, grid) in enumerate(zip(blocks, [token_grid, *grids[:-1]])):
+        spatial, _ = rel_pos_lengths(block, grid)
+        if block.rel_pos_spatial and spatial < 1:
+            raise _block_error(
+                index,
+                "rel_pos_spatial",
+                f"the input grid {grid} is smaller than the query and key strides {block.pool_q.stride[1]}, "
+                f"{block.pool_k.stride[1]}: the relative-position tables would be empty{where}",
+            )
+
+
 def patch_grid(config: MViTConfig, input_size: Sequence[int]) -> Grid:
     """Token grid after the patch embedding, or a ValueError naming ``input_size`` when it would be empty."""
     grid = pooled_grid(input_size, config.patch_kernel, config.patch_stride, config.patch_padding)
@@ -204,6 +264,12 @@ def validate_config(config: MViTConfig) -> list[Grid]:
     for name in ("drop_path_rate", "head_dropout"):
         if not 0.0 <= getattr(config, name) < 1.0:
             raise ValueError(f"{name} must be in [0, 1), got {getattr(config, name)}")
+    for name in ("norm_eps", "pool_norm_eps"):
+        if not getattr(config, name) > 0.0:
+            raise ValueError(f"{name} must be > 0, got {getattr(config, name)}")
+    for name in ("class_token", "abs_pos_embed"):
+        if not isinstance(getattr(config, name), bool):
+            raise ValueError(f"{name} must be True or False, got {getattr(config, name)!r}")
     if config.pool_memory_format not in POOL_MEMORY_FORMATS:
         raise ValueError(
             f"pool_memory_format must be one of {tuple(POOL_MEMORY_FORMATS)}, got {config.pool_memory_format!r}"
@@ -213,4 +279,7 @@ def validate_config(config: MViTConfig) -> list[Grid]:
         _check_block(block, index, previous_dim)
         previous_dim = block.dim_out
     token_grid = patch_grid(config, config.input_size)
-    return block_grids(config.blocks, token_grid, f" (input_size {config.input_size})")
+    where = f" (input_size {config.input_size})"
+    grids = block_grids(config.blocks, token_grid, where)
+    _check_rel_pos(config.blocks, grids, token_grid, where)
+    return grids

@@ -1,6 +1,8 @@
-"""The Multiscale Vision Transformer (MViT v1, Fan et al., ICCV 2021)."""
+"""The Multiscale Vision Transformer: MViT v1 (Fan et al., ICCV 2021) and MViTv2 (Li et al., CVPR 2022)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import nn
@@ -14,33 +16,37 @@ from .pooling import Grid
 
 class MViT(nn.Module):
     """cube₁ patch embedding → class token + positional embedding → multiscale blocks → LayerNorm → class token →
-    dropout → linear.
+    dropout → linear. Without a class token the head takes the mean of the normalised tokens.
 
     Takes ``(B, C, T, H, W)`` clips, or ``(B, C, H, W)`` images as one-frame clips. The model is built for
-    ``config.input_size``; another input size works too: the positional embeddings are interpolated on the fly
-    (spatial bicubic, temporal linear), after checking that every pooling can take the new grid.
+    ``config.input_size``; another input size works too: the absolute positional embeddings (spatial bicubic,
+    temporal linear) and the relative-position tables (linear) are interpolated on the fly, after checking that
+    every pooling can take the new grid.
     """
 
     def __init__(self, config: MViTConfig) -> None:
         super().__init__()
-        validate_config(config)
+        grids = validate_config(config)
         self.config = config
         self.token_grid = patch_grid(config, config.input_size)
         embed_dim, out_dim = config.blocks[0].dim_in, config.blocks[-1].dim_out
         self.patch_embed = nn.Conv3d(
             config.in_channels, embed_dim, config.patch_kernel, config.patch_stride, config.patch_padding
         )
-        self.pos_embed = PositionalEmbedding(embed_dim, self.token_grid)
+        self.pos_embed = PositionalEmbedding(embed_dim, self.token_grid, config.class_token, config.abs_pos_embed)
         depth = len(config.blocks)
         self.blocks = nn.ModuleList(
             MultiscaleBlock(
                 block,
+                grid,
                 config.mlp_ratio,
                 config.drop_path_rate * i / max(depth - 1, 1),
                 config.norm_eps,
+                config.pool_norm_eps,
                 config.pool_memory_format,
+                config.class_token,
             )
-            for i, block in enumerate(config.blocks)
+            for i, (block, grid) in enumerate(zip(config.blocks, [self.token_grid, *grids[:-1]]))
         )
         self.norm = nn.LayerNorm(out_dim, eps=config.norm_eps)
         self.head_dropout = nn.Dropout(config.head_dropout)
@@ -66,8 +72,19 @@ class MViT(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
-        for parameter in self.pos_embed.parameters():
-            nn.init.trunc_normal_(parameter, std=0.02)
+        for name, parameter in self.named_parameters():
+            if name.startswith("pos_embed.") or ".rel_pos_" in name:
+                nn.init.trunc_normal_(parameter, std=0.02)
+
+    def set_pool_norm_eps(self, eps: float) -> None:
+        """Use ``eps`` in the LayerNorms after the q/k/v pooling (how weights of another implementation load)."""
+        if not eps > 0.0:
+            raise ValueError(f"pool_norm_eps must be > 0, got {eps}")
+        self.config = dataclasses.replace(self.config, pool_norm_eps=eps)
+        for block in self.blocks:
+            for pool in (block.attn.pool_q, block.attn.pool_k, block.attn.pool_v):
+                if pool is not None and pool.norm is not None:
+                    pool.norm.eps = eps
 
     def reset_head(self) -> None:
         """Fresh classifier weights, e.g. when a checkpoint's head has another number of classes."""
@@ -75,11 +92,12 @@ class MViT(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def no_weight_decay(self) -> set[str]:
-        """Names of parameters that AdamW should not decay: biases, other 1-D parameters, embeddings, class token."""
+        """Names of parameters that AdamW should not decay: biases, other 1-D parameters, embeddings, class token,
+        relative-position tables (as PySlowFast's ZERO_DECAY_POS_CLS)."""
         return {
             name
             for name, parameter in self.named_parameters()
-            if parameter.ndim <= 1 or name.endswith(".bias") or name.startswith("pos_embed.")
+            if parameter.ndim <= 1 or name.endswith(".bias") or name.startswith("pos_embed.") or ".rel_pos_" in name
         }
 
     def _check_grid(self, grid: Grid, input_size: tuple[int, ...]) -> None:
@@ -88,7 +106,7 @@ class MViT(nn.Module):
             self._checked_grids.add(grid)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised class-token features, (B, blocks[-1].dim_out)."""
+        """Normalised class-token features (the mean of the normalised tokens without one), (B, blocks[-1].dim_out)."""
         if x.ndim == 4:
             x = x.unsqueeze(2)
         if x.ndim != 5 or x.shape[1] != self.config.in_channels:
@@ -110,7 +128,9 @@ class MViT(nn.Module):
                 x, grid = checkpoint(block, x, grid, use_reentrant=False)
             else:
                 x, grid = block(x, grid)
-        return self.norm(x[:, 0])
+        if self.config.class_token:
+            return self.norm(x[:, 0])
+        return self.norm(x).mean(dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.head_dropout(self.forward_features(x)))

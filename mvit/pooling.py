@@ -27,7 +27,8 @@ def pooled_grid(grid: Sequence[int], kernel: Sequence[int], stride: Sequence[int
 
 
 class TokenPool(nn.Module):
-    """P(·; Θ) on tokens ``(..., 1 + T·H·W, C)`` whose first token is the class token.
+    """P(·; Θ) on tokens ``(..., 1 + T·H·W, C)`` whose first token is the class token (``(..., T·H·W, C)`` for a
+    model without one, ``class_token=False``).
 
     The class token goes around the pooling: it is split off, the grid tokens are pooled as a (C, T, H, W) volume,
     and the class token is put back in front. In ``conv`` mode the pooling is a depthwise Conv3d followed by a
@@ -48,9 +49,11 @@ class TokenPool(nn.Module):
         padding: Sequence[int],
         norm_eps: float = 1e-6,
         memory_format: PoolMemoryFormat = "contiguous",
+        class_token: bool = True,
     ) -> None:
         super().__init__()
         self.kernel, self.stride, self.padding = tuple(kernel), tuple(stride), tuple(padding)
+        self.class_tokens = int(class_token)
         self.memory_format = POOL_MEMORY_FORMATS[memory_format]
         self.norm: nn.LayerNorm | None = None
         if mode == "conv":
@@ -68,7 +71,7 @@ class TokenPool(nn.Module):
     def forward(self, tokens: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, Grid]:
         *leading, length, channels = tokens.shape
         tokens = tokens.reshape(-1, length, channels)
-        class_token, grid_tokens = tokens[:, :1], tokens[:, 1:]
+        class_token, grid_tokens = tokens[:, : self.class_tokens], tokens[:, self.class_tokens :]
         volume = grid_tokens.transpose(1, 2).reshape(-1, channels, *grid).contiguous(memory_format=self.memory_format)
         volume = self.pool(volume)
         out_grid: Grid = tuple(volume.shape[2:])

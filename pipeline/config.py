@@ -16,7 +16,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from conf import CONF_DIR
-from mvit import SOURCES as PRETRAINED_SOURCES
+from mvit.sources import SOURCES as PRETRAINED_SOURCES
 from pipeline.errors import ConfigError
 from pipeline.precision import PRECISIONS
 
@@ -158,7 +158,7 @@ class EvaluationJobConfig:
     """`jobs.evaluate` and `jobs.predict`: a model reference, and the data/run/mlflow/scaling sections of training."""
 
     model: str = MISSING  # checkpoint folder, .pt file, runs:/ or models:/ URI, or a foreign checkpoint; "": latest
-    model_source: str = MISSING  # auto | torchvision | pyslowfast | pytorchvideo
+    model_source: str = MISSING  # auto | one of mvit.SOURCES
     model_name: str | None = None  # the preset, for checkpoints that don't name it
     labels: str = MISSING  # label map; "": the model's own
     top_k: int = MISSING

@@ -3,7 +3,8 @@
 Three reports:
   --counts        parameters and GMACs of every preset beside the published figures
   --sdpa-report   per block of --preset: the attention kernel PyTorch picks, and which of flash / memory-efficient /
-                  cuDNN / math can run that block, for --precision, --batch-size, --device (and backward in train mode)
+                  cuDNN / math can run that block (with its relative-position mask for MViTv2), for --precision,
+                  --batch-size, --device (and backward in train mode)
   (default)       speed of --preset: a training step (--mode train: forward under autocast, cross-entropy, backward,
                   AdamW step, zero_grad) or a forward (--mode infer), with clips/s, step time, peak memory, TFLOP/s
                   and MFU against a matmul ceiling measured in the same run. torchvision's mvit_v1_b, given the same
@@ -181,6 +182,7 @@ def _sdpa_report(args: argparse.Namespace) -> dict[str, Any]:
             "q len": b.shape.q_length,
             "kv len": b.shape.kv_length,
             "head dim": b.shape.head_dim,
+            "mask": b.shape.mask,
             "chosen": short.get(b.chosen, b.chosen.lower()),
             **{short.get(name, name.lower()): usable for name, usable in b.usable.items()},
         }
@@ -194,6 +196,8 @@ def _sdpa_report(args: argparse.Namespace) -> dict[str, Any]:
         + (", forward + backward" if args.mode == "train" else ", forward"),
         "chosen: what scaled_dot_product_attention picks with every backend allowed; the others: whether that backend "
         "alone runs the block.",
+        "mask: the block passes its MViTv2 relative-position bias as an additive float mask (in training it needs the "
+        "mask's gradient too).",
         *(f"not usable: {reason}" for reason in reasons),
     ]
     if device.type != "cuda":

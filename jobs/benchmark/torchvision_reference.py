@@ -15,13 +15,18 @@ from collections.abc import Callable
 import torch
 
 
-def load_torchvision_mvit_v1_b() -> Callable[..., torch.nn.Module] | None:
-    """torchvision's ``mvit_v1_b`` builder, or None when torchvision is absent or cannot be imported."""
+def load_torchvision_mvit(name: str = "mvit_v1_b") -> Callable[..., torch.nn.Module] | None:
+    """torchvision's ``mvit_v1_b`` or ``mvit_v2_s`` builder, or None where torchvision cannot be imported."""
     if importlib.util.find_spec("torchvision") is None:
         return None
     sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
     try:
-        from torchvision.models.video import mvit_v1_b
+        from torchvision.models import video
     except Exception:
         return None
-    return mvit_v1_b
+    return getattr(video, name)
+
+
+def load_torchvision_mvit_v1_b() -> Callable[..., torch.nn.Module] | None:
+    """torchvision's ``mvit_v1_b`` builder, or None when torchvision is absent or cannot be imported."""
+    return load_torchvision_mvit("mvit_v1_b")

@@ -66,6 +66,8 @@ def _from_training_state(state: dict[str, Any], description: str, labels: Sequen
     model = mvit.create_model(
         state["model_name"], num_classes=state["num_classes"], input_size=tuple(state["input_size"])
     )
+    if "pool_norm_eps" in state:  # checkpoints before this field were all trained at the preset's eps
+        model.set_pool_norm_eps(state["pool_norm_eps"])
     model.load_state_dict(state["model"])
     names = list(labels or state.get("labels") or _labels_or_numbers(None, state["num_classes"]))
     data = dict(state.get("config", {}).get("data", {}))

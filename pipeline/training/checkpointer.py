@@ -96,6 +96,8 @@ class Checkpointer:
         return {
             "model": self.model.state_dict(),
             "model_name": job.config.model.name,
+            # numerics the weights came with (e.g. the pooling-norm eps of pytorchvideo 0.1.5 weights fine-tuned here)
+            "pool_norm_eps": self.model.config.pool_norm_eps,
             "num_classes": job.num_classes,
             "input_size": list(job.input_size),
             "labels": job.labels,
