@@ -77,15 +77,19 @@ def run(args: argparse.Namespace) -> int:
 
 def _contenders(data, train, index: pa.Table) -> dict[str, Callable[[], tuple[float, int]]]:
     from pipeline.data.dataset import clips_in_a_loop
-    from pipeline.data.order import set_epoch
+    from pipeline.data.order import epoch_clock, set_epoch
     from pipeline.data.sampling import ClipSpec
+    from pipeline.data.skips import skip_counter
     from pipeline.training.driver import DataPlan, build_datasets, train_transform
 
     spec = ClipSpec(data.num_frames, data.sampling_rate, data.target_fps)
     epochs = iter(range(10**6))
 
+    # One skip counter and epoch clock for every round, as a training run has: held here, created once.
+    name = f"bench-{uuid.uuid4().hex[:8]}"
+    actors = [skip_counter(name), epoch_clock(f"epoch-{name}")]
+
     def ray_path() -> tuple[float, int]:
-        name = f"bench-{uuid.uuid4().hex[:8]}"
         datasets = build_datasets(data, DataPlan(index, index, [], []), name, train.seed, f"epoch-{name}")
         set_epoch(f"epoch-{name}", next(epochs))
         batches = datasets["train"].iter_torch_batches(
@@ -118,7 +122,8 @@ def _contenders(data, train, index: pa.Table) -> dict[str, Callable[[], tuple[fl
 
         return run_loop
 
-    ray_path()  # untimed: starts Ray's worker processes
+    ray_path()  # untimed: starts Ray's worker processes and the actors
+    assert actors
     return {"loop": loop(True), "ray-all": ray_path_all, "ray": ray_path_workers, "loop-unfused": loop(False)}
 
 

@@ -171,9 +171,10 @@ class _RssWatcher(threading.Thread):
 
 
 def _object_store() -> dict[str, float]:
+    import ray
     from ray._private.internal_api import memory_summary
 
-    summary = memory_summary(stats_only=True)
+    summary = memory_summary(ray.get_runtime_context().gcs_address, stats_only=True)
     used = re.search(r"Plasma memory usage (\d+) MiB, (\d+) objects", summary)
     return {"plasma_mib": int(used.group(1)), "plasma_objects": int(used.group(2))} if used else {}
 

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from pipeline.data.index import info_from_row, read_usable
+from pipeline.data.index import info_from_row, info_to_row, read_usable
 from pipeline.data.order import EpochOrder, IndexSource, clip_rng, epoch_permutation
 from pipeline.data.sampling import ClipSpec, SampledClip, random_clip, segment_frames, uniform_clips
 from pipeline.data.skips import DEFAULT_COUNTER, CrashGuard, skip_counter
@@ -100,6 +100,12 @@ def test_dataset(
 
 
 test_dataset.__test__ = False  # not a test, though pytest would collect it by name wherever it is imported
+
+
+def video_test_views(info: VideoInfo, *, spec: ClipSpec, transform: EvalTransform, num_clips: int) -> np.ndarray:
+    """The views `test_dataset` cuts from one video (clips × crops, T, H, W, 3), made here; raises VideoDecodeError."""
+    maker = _ClipMaker(_EvalViews(spec, num_clips, transform, False), counter=None, threads=1, seed=0)
+    return maker.video({"path": info.path, "label": 0, "epoch": 0, "video_id": 0, **info_to_row(info)})[0]["clip"]
 
 
 def clips_in_a_loop(
