@@ -29,9 +29,9 @@ DECODE_NODE = {"num_cpus": 2, "resources": {"decode": 2}, **NODE_MEMORY}
 
 
 def lose_node_while_decoding(cluster: Cluster, node: ray._private.node.Node, counter: ray.actor.ActorHandle) -> int:
-    """Remove `node` as soon as the skip counter shows a decode under way (all decodes run there), then replace it
+    """Remove `node` as soon as the skip counter shows a decode task under way (all run there), then replace it
     (from the main thread: starting a node installs signal handlers). Returns how many decodes were under way."""
-    while not (in_progress := ray.get(counter.__ray_call__.remote(lambda counter: dict(counter._decoding)))):
+    while not (in_progress := ray.get(counter.__ray_call__.remote(lambda counter: dict(counter._running)))):
         time.sleep(0.002)
     cluster.remove_node(node, allow_graceful=False)
     cluster.add_node(**DECODE_NODE)
@@ -46,7 +46,7 @@ def main(index: str, out: str) -> None:
         tasks = decode_tasks(resources={"decode": 1}, videos_per_task=1, skip_counter=counter_name)
         transform = train_transform(short_side=(32, 40))
         spec = ClipSpec(8, 2, 30.0)
-        clips = dataset.train_dataset(index, spec=spec, transform=transform, num_clips=1, tasks=tasks)
+        clips = dataset.train_dataset(index, spec=spec, transform=transform, num_clips=1, tasks=tasks, seed=0, epoch=0)
         counter = skip_counter(counter_name)  # on the head: the dataset above created it before the node joined
         doomed = cluster.add_node(**DECODE_NODE)
         labels: list[int] = []

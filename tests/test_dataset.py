@@ -1,7 +1,9 @@
-"""Ray Datasets of clips: shapes and dtypes, per-epoch randomness, exact eval views, and counted skips."""
+"""Ray Datasets of clips: shapes and dtypes, the seeded order and clips of each epoch, exact eval views, and counted
+skips and clamps per epoch."""
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,9 +12,10 @@ import pytest
 import ray
 
 from pipeline.data import dataset
+from pipeline.data.order import EpochOrder, IndexSource, set_epoch
 from pipeline.data.sampling import uniform_clips
 from pipeline.data.skips import SkipSnapshot, skip_counter
-from pipeline.data.video import decode_frames, probe
+from pipeline.data.video import FrameCrop, decode_clips, decode_frames, probe
 from tests.clips import SPEC, decode_tasks, eval_transform, train_transform
 from tests.videos import H264_BFRAMES_LONG_GOP, MPEG4_AVI, VP9_WEBM, corrupt_keyframes, index_of, write_indexed_video
 
@@ -41,15 +44,16 @@ def test_train_clips_are_uint8_rows_per_clip_and_failures_are_skipped_and_counte
     videos["vanishing"].unlink()  # gone after indexing: found only when decoding
     tasks = decode_tasks()
     transform = train_transform(short_side=(32, 40))
-    clips = dataset.train_dataset(index, spec=SPEC, transform=transform, num_clips=2, tasks=tasks)
     handle = skip_counter(tasks.skip_counter)
 
     epochs = []
-    for _ in range(2):
-        before = ray.get(handle.totals.remote())
+    for epoch in range(2):
+        clips = dataset.train_dataset(
+            index, spec=SPEC, transform=transform, num_clips=2, tasks=tasks, seed=0, epoch=epoch
+        )
         rows = clips.take_all()
         epochs.append(rows)
-        assert ray.get(handle.totals.remote()) - before == SkipSnapshot(skipped=2, clamped=2)  # short: 2 clips
+        assert ray.get(handle.counts.remote(epoch)) == SkipSnapshot(skipped=2, clamped=2)  # short: 2 clips
         assert sorted(row["label"] for row in rows) == [0, 0, 1, 1, 2, 2, 3, 3]
         for row in rows:
             assert row["clip"].dtype == np.uint8 and row["clip"].shape == (8, 32, 32, 3)
@@ -61,16 +65,48 @@ def test_train_clips_are_uint8_rows_per_clip_and_failures_are_skipped_and_counte
     assert not all(np.array_equal(a, b) for a, b in zip(first, second))  # new positions and crops each epoch
 
 
-def test_each_epoch_is_shuffled_anew(ray_session, videos: dict[str, Path]) -> None:
-    index = index_of([videos[name] for name in ["webm"] * 12])
-    tasks = decode_tasks(concurrency=1)
-    clips = dataset.train_dataset(index, spec=SPEC, transform=train_transform(), num_clips=1, tasks=tasks)
-    orders = [[row["label"] for row in clips.take_all()] for _ in range(3)]
-    assert all(sorted(order) == list(range(12)) for order in orders)
-    assert len({tuple(order) for order in orders}) > 1
+def test_the_seed_and_the_epoch_fix_the_order_and_the_clips(ray_session, videos: dict[str, Path]) -> None:
+    """Each epoch is a new permutation of every video (once each, in tasks of 4); the same seed and epoch give the
+    same order and the same clips, through a fixed epoch or the epoch clock; another epoch or seed gives others."""
+    index = index_of([videos[name] for name in ["webm", "long_gop", "avi"] * 4])
+    tasks = decode_tasks(videos_per_task=4)
+    clock = f"test-epoch-{uuid.uuid4().hex}"
+    runs = {"0/0": (0, 0), "0/1": (0, 1), "0/clock=1": (0, clock), "1/1": (1, 1)}
+
+    def order(seed: int, epoch: int | str) -> list[int]:
+        source = IndexSource(index, 4, EpochOrder(seed, epoch))
+        set_epoch(clock, 1)  # as a training loop does, once the datasets exist
+        read_tasks = source.get_read_tasks(1)
+        assert [task.metadata.num_rows for task in read_tasks] == [4, 4, 4]
+        return [video for task in read_tasks for part in task() for video in part.column("label").to_pylist()]
+
+    orders = {name: order(*run) for name, run in runs.items()}
+    assert all(sorted(found) == list(range(12)) for found in orders.values())
+    assert orders["0/1"] == orders["0/clock=1"]
+    assert len({tuple(orders[name]) for name in ("0/0", "0/1", "1/1")}) == 3
+
+    def clips(seed: int, epoch: int | str) -> list[np.ndarray]:
+        rows = dataset.train_dataset(
+            index, spec=SPEC, transform=train_transform(), num_clips=1, tasks=tasks, seed=seed, epoch=epoch
+        ).take_all()
+        assert sorted(row["label"] for row in rows) == list(range(12))  # every video once
+        return [row["clip"] for row in sorted(rows, key=lambda row: row["label"])]
+
+    same = clips(0, 1)
+    clocked = dataset.train_dataset(
+        index, spec=SPEC, transform=train_transform(), num_clips=1, tasks=tasks, seed=0, epoch=clock
+    )
+    set_epoch(clock, 1)
+    assert all(
+        np.array_equal(a, row["clip"]) for a, row in zip(same, sorted(clocked.take_all(), key=lambda r: r["label"]))
+    )
+    for other in (clips(0, 0), clips(1, 1)):
+        assert sum(np.array_equal(a, b) for a, b in zip(same, other)) < 3
 
 
 def test_val_views_are_the_centre_clip_resized_and_centre_cropped_exactly(ray_session, videos: dict[str, Path]) -> None:
+    """The short side is resized in the decoder's conversion (the frames shrink), which moves pixels only slightly
+    from resizing decoded frames (tests/test_video.py measures it)."""
     index = index_of([videos[name] for name in ["long_gop", "avi"]])
     rows = dataset.val_dataset(index, spec=SPEC, transform=eval_transform(40), tasks=decode_tasks()).take_all()
     assert sorted(row["label"] for row in rows) == [0, 1]
@@ -78,8 +114,11 @@ def test_val_views_are_the_centre_clip_resized_and_centre_cropped_exactly(ray_se
         path = index.column("path")[row["label"]].as_py()
         info = probe(path)
         (clip,) = uniform_clips(info.num_frames, info.fps, SPEC, 1)
-        (expected,) = eval_transform(40)(decode_frames(path, clip.indices))
+        resized = FrameCrop((0, 0, info.height, info.width), (40, 53))
+        ((expected,),) = [eval_transform(40)(frames) for frames in decode_clips(path, [(clip.indices, resized)], info)]
         np.testing.assert_array_equal(row["clip"], expected)
+        (resized_after,) = eval_transform(40)(decode_frames(path, clip.indices))
+        assert np.abs(row["clip"].astype(int) - resized_after).mean() < 2.0
 
 
 def test_test_views_are_k_clips_times_s_crops_per_video(ray_session, videos: dict[str, Path]) -> None:

@@ -107,7 +107,13 @@ def test_workers_see_disjoint_shards_and_val_counts_every_video_once(ray_session
         run_config=RunConfig(name="shards", storage_path=str(tmp_path / "runs")),
         datasets={
             "train": dataset.train_dataset(
-                usable, spec=spec, transform=train_transform(short_side=(32, 40)), num_clips=1, tasks=decode_tasks()
+                usable,
+                spec=spec,
+                transform=train_transform(short_side=(32, 40)),
+                num_clips=1,
+                tasks=decode_tasks(),
+                seed=0,
+                epoch=0,
             ),
             "val": dataset.val_dataset(usable, spec=spec, transform=eval_transform(), tasks=decode_tasks()),
         },

@@ -30,6 +30,8 @@ class VideoSpec:
     options: dict[str, str] = field(default_factory=dict)
     first_pts: int = 0
     pts_gap_every: int = 0  # variable frame rate: skip one tick of pts after every this many frames
+    slow_from: int = 0  # variable frame rate: from this frame on, frames are 3 ticks apart (a third of the rate)
+    rotation: int = 0  # display matrix: degrees counter-clockwise; the painted frame is what shows after turning
     audio_first: bool = False
     container_options: dict[str, str] = field(default_factory=dict)
 
@@ -85,9 +87,15 @@ def write_indexed_video(path: Path, spec: VideoSpec) -> Path:
         stream.width, stream.height, stream.pix_fmt = spec.width, spec.height, "yuv420p"
         stream.time_base = Fraction(1, spec.fps)
         stream.codec_context.time_base = Fraction(1, spec.fps)
+        if spec.rotation:
+            stream.set_display_rotation(spec.rotation)
+        turns = spec.rotation // 90
+        shown = (spec.width, spec.height) if turns % 2 == 0 else (spec.height, spec.width)
         for index in range(spec.num_frames):
-            frame = av.VideoFrame.from_ndarray(paint_index(index, spec.width, spec.height), format="rgb24")
+            coded = np.ascontiguousarray(np.rot90(paint_index(index, *shown), -turns))
+            frame = av.VideoFrame.from_ndarray(coded, format="rgb24")
             frame.pts = spec.first_pts + index + (index // spec.pts_gap_every if spec.pts_gap_every else 0)
+            frame.pts += 2 * max(index - spec.slow_from, 0) if spec.slow_from else 0
             frame.time_base = Fraction(1, spec.fps)
             container.mux(stream.encode(frame))
         container.mux(stream.encode())

@@ -1,17 +1,19 @@
 """Ray Datasets of ready-to-train clips, built from an index; any CPU in the Ray cluster can produce them.
 
-Rows of the index (one per usable video) are shuffled, then `map_batches` tasks decode, sample and transform each
-video into uint8 clips. Every iteration re-executes the dataset, so each epoch gets a new order and new clip
-positions. A video that fails to decode is skipped, logged and counted (see `pipeline.data.skips`); the job goes on.
+The index (one row per usable video) is read through `pipeline.data.order.IndexSource`: every epoch, tasks of
+`videos_per_task` videos in that epoch's seeded order (training) or in index order (validation, testing), each
+video exactly once; `map_batches` then decodes, samples and transforms each video into uint8 clips. Clip positions
+and crops come from a random stream seeded by (seed, epoch, video), so a rerun with the same seed sees the same
+clips. A clip shrunk from a larger box is converted to RGB straight at its output size by the decoder.
+A video that fails to decode is skipped, logged and counted (see `pipeline.data.skips`); the job goes on.
 A decode that kills its process is retried by Ray (Ray Data retries map tasks without limit, `max_retries=-1`);
-a video that kills it twice is skipped and counted the same way.
-Each task takes `videos_per_task` videos: more amortise Ray's per-task overhead, fewer stream sooner and hold less
-memory. Video files must be readable at the same absolute path on every node (a shared file system).
+a video that kills it twice while being watched is skipped and counted the same way.
+More videos per task amortise Ray's per-task overhead, fewer stream sooner and hold less memory. Video files must
+be readable at the same absolute path on every node (a shared file system).
 """
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -21,11 +23,12 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from pipeline.data.index import info_from_row, read_usable
+from pipeline.data.index import info_from_row, info_to_row, read_usable
+from pipeline.data.order import EpochOrder, IndexSource, clip_rng, epoch_permutation
 from pipeline.data.sampling import ClipSpec, SampledClip, random_clip, segment_frames, uniform_clips
 from pipeline.data.skips import DEFAULT_COUNTER, CrashGuard, skip_counter
-from pipeline.data.transforms import EvalTransform, TrainTransform
-from pipeline.data.video import VideoDecodeError, decode_frames
+from pipeline.data.transforms import Box, EvalTransform, TrainTransform, crop, resize
+from pipeline.data.video import FrameCrop, VideoDecodeError, VideoInfo, decode_clips
 from pipeline.errors import DataError
 
 
@@ -53,22 +56,32 @@ def train_dataset(
     transform: TrainTransform,
     num_clips: int,
     tasks: DecodeTasks,
+    seed: int,
+    epoch: int | str,
 ) -> ray.data.Dataset:
-    """Shuffled training clips: columns `clip` (uint8, T×crop×crop×3) and `label` (int64).
+    """Training clips in a new order every epoch: columns `clip` (uint8, T×crop×crop×3) and `label` (int64).
 
     Each video gives `num_clips` rows from one decode (repeated augmentation), each at its own random position
-    with its own random crop.
+    with its own random crop, drawn from (seed, epoch, video). `epoch`: a number, or the name of the
+    `pipeline.data.order.EpochClock` that the training loop sets before each epoch.
     """
-    videos = _videos(index, tasks.videos_per_task).random_shuffle()
-    return _map(videos, _TrainViews(spec, num_clips, transform), tasks)
+    videos = _videos(index, tasks, EpochOrder(seed, epoch))
+    return _map(videos, _TrainViews(spec, num_clips, transform), tasks, seed)
 
 
 def val_dataset(
-    index: str | os.PathLike | pa.Table, *, spec: ClipSpec, transform: EvalTransform, tasks: DecodeTasks
+    index: str | os.PathLike | pa.Table,
+    *,
+    spec: ClipSpec,
+    transform: EvalTransform,
+    tasks: DecodeTasks,
+    epoch: int | str = 0,
 ) -> ray.data.Dataset:
     """One deterministic view per video, for per-epoch validation: the centre clip, short side resized, centre
-    crop (`transform` with one crop). Columns `clip` and `label`."""
-    return _map(_videos(index, tasks.videos_per_task), _EvalViews(spec, 1, transform, False), tasks)
+    crop (`transform` with one crop). Columns `clip` and `label`. `epoch` (as for `train_dataset`) only files
+    the skip counts under the right epoch."""
+    videos = _videos(index, tasks, EpochOrder(0, epoch, shuffle=False))
+    return _map(videos, _EvalViews(spec, 1, transform, False), tasks, 0)
 
 
 def test_dataset(
@@ -82,29 +95,69 @@ def test_dataset(
     """`num_clips` uniformly spaced clips × the transform's 1 or 3 crops per video. Columns `clip`, `label`,
     `video_id` (the video's row in the usable index) and `view` (temporal clip × crops + crop), for averaging
     predictions per video."""
-    return _map(_videos(index, tasks.videos_per_task), _EvalViews(spec, num_clips, transform, True), tasks)
+    videos = _videos(index, tasks, None)
+    return _map(videos, _EvalViews(spec, num_clips, transform, True), tasks, 0)
 
 
 test_dataset.__test__ = False  # not a test, though pytest would collect it by name wherever it is imported
 
 
-def _videos(index: str | os.PathLike | pa.Table, videos_per_task: int) -> ray.data.Dataset:
+def video_test_views(info: VideoInfo, *, spec: ClipSpec, transform: EvalTransform, num_clips: int) -> np.ndarray:
+    """The views `test_dataset` cuts from one video (clips × crops, T, H, W, 3), made here; raises VideoDecodeError."""
+    maker = _ClipMaker(_EvalViews(spec, num_clips, transform, False), counter=None, threads=1, seed=0)
+    return maker.video({"path": info.path, "label": 0, "epoch": 0, "video_id": 0, **info_to_row(info)})[0]["clip"]
+
+
+def clips_in_a_loop(
+    index: pa.Table,
+    *,
+    spec: ClipSpec,
+    transform: TrainTransform,
+    num_clips: int,
+    seed: int,
+    epoch: int,
+    fused: bool = True,
+) -> Iterator[dict[str, np.ndarray]]:
+    """The training clips of one epoch made here, video after video, with no Ray: the work of `train_dataset`'s
+    tasks without Ray Data around it (benchmarks compare the two; `fused=False`: resize after decoding)."""
+    usable, _ = read_usable(index)
+    order = epoch_permutation(usable.num_rows, seed, epoch)
+    maker = _ClipMaker(_TrainViews(spec, num_clips, transform, fused), counter=None, threads=1, seed=seed)
+    for video_id, row in zip(order, usable.take(order).to_pylist()):
+        yield maker.video({**row, "epoch": epoch, "video_id": int(video_id)})[0]
+
+
+def _videos(index: str | os.PathLike | pa.Table, tasks: DecodeTasks, order: EpochOrder | None) -> ray.data.Dataset:
     usable, _ = read_usable(index)
     if usable.num_rows == 0:
         raise DataError("the index has no usable videos")
     usable = usable.append_column("video_id", pa.array(range(usable.num_rows), pa.int64()))
-    return ray.data.from_arrow(usable, override_num_blocks=math.ceil(usable.num_rows / videos_per_task))
+    source = IndexSource(usable, tasks.videos_per_task, order)
+    # The same resources as the decode step, so that Ray Data fuses reading a task's rows into its decode task.
+    return ray.data.read_datasource(source, override_num_blocks=source.num_tasks, **_remote_args(tasks))
 
 
-def _map(videos: ray.data.Dataset, views: _TrainViews | _EvalViews, tasks: DecodeTasks) -> ray.data.Dataset:
-    return videos.map_batches(
-        _ClipMaker(views, skip_counter(tasks.skip_counter), threads=max(1, int(tasks.cpus))),
-        batch_size=None,
-        batch_format="pyarrow",
-        compute=ray.data.TaskPoolStrategy(size=tasks.concurrency),
-        num_cpus=tasks.cpus,
-        resources=dict(tasks.resources) or None,
-    )
+def _map(videos: ray.data.Dataset, views: _TrainViews | _EvalViews, tasks: DecodeTasks, seed: int) -> ray.data.Dataset:
+    maker = _ClipMaker(views, skip_counter(tasks.skip_counter), threads=max(1, int(tasks.cpus)), seed=seed)
+    return videos.map_batches(maker, batch_size=None, batch_format="pyarrow", **_remote_args(tasks))
+
+
+def _remote_args(tasks: DecodeTasks) -> dict[str, Any]:
+    return {
+        "compute": ray.data.TaskPoolStrategy(size=tasks.concurrency),
+        "num_cpus": tasks.cpus,
+        "resources": dict(tasks.resources) or None,
+    }
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One clip of a video as planned before decoding: its frames, its box, and the crop the decoder applies (None:
+    the whole frame is decoded and cut afterwards)."""
+
+    clip: SampledClip
+    box: Box | None
+    crop: FrameCrop | None
 
 
 @dataclass(frozen=True)
@@ -112,12 +165,28 @@ class _TrainViews:
     spec: ClipSpec
     num_clips: int
     transform: TrainTransform
+    fused: bool = True  # False: always decode whole frames and resize afterwards (benchmarks compare the two)
 
-    def sample(self, frame_count: int, fps: float, first: int, rng: np.random.Generator) -> list[SampledClip]:
-        return [random_clip(frame_count, fps, self.spec, rng, first_frame=first) for _ in range(self.num_clips)]
+    def plan(self, count: int, info: VideoInfo, first: int, rng: np.random.Generator) -> list[_Plan]:
+        times = _segment_times(info, first, count)
+        clips = [
+            random_clip(count, info.fps, self.spec, rng, first_frame=first, times=times) for _ in range(self.num_clips)
+        ]
+        boxes = [self.transform.box(info.height, info.width, rng) for _ in clips]
+        size = self.transform.crop_size
+        # The decoder scales a box that shrinks (converting straight to the output size); a smaller one is cut
+        # from the whole frame and enlarged afterwards.
+        return [
+            _Plan(clip, box, FrameCrop(box, (size, size)) if self.fused and min(box[2:]) >= size else None)
+            for clip, box in zip(clips, boxes)
+        ]
 
-    def views(self, clips: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
-        return [self.transform(clip, rng) for clip in clips]
+    def views(self, clips: list[np.ndarray], plans: list[_Plan], rng: np.random.Generator) -> list[np.ndarray]:
+        size = self.transform.crop_size
+        return [
+            self.transform.finish(clip if plan.crop else resize(crop(clip, plan.box), size, size), rng)
+            for clip, plan in zip(clips, plans)
+        ]
 
 
 @dataclass(frozen=True)
@@ -127,11 +196,21 @@ class _EvalViews:
     transform: EvalTransform
     with_ids: bool
 
-    def sample(self, frame_count: int, fps: float, first: int, rng: np.random.Generator) -> list[SampledClip]:
-        return uniform_clips(frame_count, fps, self.spec, self.num_clips, first_frame=first)
+    def plan(self, count: int, info: VideoInfo, first: int, rng: np.random.Generator) -> list[_Plan]:
+        times = _segment_times(info, first, count)
+        clips = uniform_clips(count, info.fps, self.spec, self.num_clips, first_frame=first, times=times)
+        height, width = self.transform.resized_size(info.height, info.width)
+        shrinks = height <= info.height and width <= info.width
+        frame_crop = FrameCrop((0, 0, info.height, info.width), (height, width)) if shrinks else None
+        return [_Plan(clip, None, frame_crop) for clip in clips]
 
-    def views(self, clips: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
+    def views(self, clips: list[np.ndarray], plans: list[_Plan], rng: np.random.Generator) -> list[np.ndarray]:
         return [view for clip in clips for view in self.transform(clip)]
+
+
+def _segment_times(info: VideoInfo, first: int, count: int) -> np.ndarray | None:
+    times = info.frame_times()
+    return None if times is None else times[first : first + count]
 
 
 @dataclass(frozen=True)
@@ -139,33 +218,40 @@ class _ClipMaker:
     """The map_batches UDF: index rows in, one output batch of views per decodable video."""
 
     views: _TrainViews | _EvalViews
-    counter: ray.actor.ActorHandle
+    counter: ray.actor.ActorHandle | None  # None: used outside Ray Data (`clips_in_a_loop`)
     threads: int
+    seed: int
 
     def __call__(self, batch: pa.Table) -> Iterator[dict[str, np.ndarray]]:
-        rng = np.random.default_rng()  # fresh entropy on every execution: new clip positions and crops each epoch
         guard = CrashGuard(self.counter)
         skipped: list[tuple[str, str]] = []
         clamped = 0
         for row in batch.to_pylist():
-            info = info_from_row(row)
-            crashed = guard.should_skip(info.path)
+            crashed = guard.should_skip(row["path"])
             if crashed:
-                skipped.append((info.path, crashed))
+                skipped.append((row["path"], crashed))
                 continue
-            first, count = segment_frames(info.num_frames, info.fps, row.get("start_sec"), row.get("end_sec"))
-            clips = self.views.sample(count, info.fps, first, rng)
-            indices = np.concatenate([clip.indices for clip in clips])  # one decode for all of a video's clips
-            guard.decoding(info.path)
+            guard.decoding(row["path"])
             try:
-                frames = decode_frames(info.path, indices, info, threads=self.threads)
+                columns, clamped_here = self.video(row)
             except VideoDecodeError as error:
-                skipped.append((info.path, error.reason))
+                skipped.append((row["path"], error.reason))
                 continue
-            clamped += sum(clip.clamped for clip in clips)
-            views = self.views.views(np.split(frames, len(clips)), rng)
-            yield self._rows(views, row)
-        guard.finish(skipped, clamped)
+            clamped += clamped_here
+            yield columns
+        guard.finish(batch.column("epoch")[0].as_py() if batch.num_rows else 0, skipped, clamped)
+
+    def video(self, row: dict[str, Any]) -> tuple[dict[str, np.ndarray], int]:
+        """The rows of one video's views, and how many of its clips were clamped; raises VideoDecodeError."""
+        info = info_from_row(row)
+        rng = clip_rng(self.seed, row["epoch"], row["video_id"])
+        times = info.frame_times()
+        first, count = segment_frames(info.num_frames, info.fps, row.get("start_sec"), row.get("end_sec"), times)
+        plans = self.views.plan(count, info, first, rng)
+        requests = [(plan.clip.indices, plan.crop) for plan in plans]
+        clips = decode_clips(info.path, requests, info, threads=self.threads)  # one decode for all of its clips
+        views = self.views.views(clips, plans, rng)
+        return self._rows(views, row), sum(plan.clip.clamped for plan in plans)
 
     def _rows(self, views: list[np.ndarray], row: dict[str, Any]) -> dict[str, np.ndarray]:
         columns = {"clip": np.stack(views), "label": np.full(len(views), row["label"], dtype=np.int64)}

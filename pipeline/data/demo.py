@@ -20,8 +20,8 @@ import av
 import numpy as np
 import pyarrow as pa
 
-from pipeline.errors import ConfigError
 from pipeline.data.manifest import LABEL_MAP_NAME, write_label_map, write_manifest
+from pipeline.errors import ConfigError
 
 MOTIONS = (
     "moving left",

@@ -3,7 +3,8 @@
 Each row keeps the manifest's columns and adds what `probe` measured plus a `status`: "ok", or why the video can't
 be used. Training takes only the ok rows, so an unusable video is reported here rather than found mid-epoch. Frame
 timestamps are stored as start + step when evenly spaced (as in most MP4 files) and listed in full otherwise, which
-keeps a Kinetics-sized index small enough to shuffle every epoch.
+keeps a Kinetics-sized index small (BENCHMARKS.md measures it). Every row names the `probe_format` it was written
+with; an index of another format is refused rather than read wrongly (probe the manifest again).
 """
 
 from __future__ import annotations
@@ -22,10 +23,15 @@ import ray
 
 from pipeline.data.manifest import read_manifest
 from pipeline.data.video import VideoDecodeError, VideoInfo, probe
+from pipeline.errors import DataError
 
 OK = "ok"
+# The version of what `probe` measures and how a row stores it. Bump it whenever a probe would write a row that an
+# older reader misreads (2: display rotation; width/height as displayed; AVI timestamps verified by a decode).
+PROBE_FORMAT = 2
 INDEX_FIELDS = [
     pa.field("status", pa.string()),
+    pa.field("probe_format", pa.int64()),
     pa.field("num_frames", pa.int64()),
     pa.field("fps", pa.float64()),
     pa.field("duration", pa.float64()),
@@ -41,6 +47,7 @@ INDEX_FIELDS = [
     pa.field("pts_step", pa.int64()),
     pa.field("pts", pa.list_(pa.int64())),  # empty when pts_start + i * pts_step gives every frame's pts
     pa.field("pts_ordered", pa.bool_()),
+    pa.field("rotation", pa.int64()),
 ]
 
 
@@ -117,6 +124,14 @@ def ensure_index(
 def read_usable(index: str | os.PathLike | pa.Table) -> tuple[pa.Table, list[tuple[str, str]]]:
     """The usable rows of an index, and (path, reason) for each video left out."""
     table = index if isinstance(index, pa.Table) else pq.read_table(index)
+    formats = set(table.column("probe_format").to_pylist()) if "probe_format" in table.column_names else {1}
+    if formats - {PROBE_FORMAT}:
+        name = "the index" if isinstance(index, pa.Table) else f"index {index}"
+        found = ", ".join(str(found) for found in sorted(formats, key=str))
+        raise DataError(
+            f"{name} was written by probe format {found}, this version reads {PROBE_FORMAT}: "
+            "probe its manifest again (python -m jobs.prepare index)"
+        )
     usable = table.filter(pc.equal(table.column("status"), OK))
     return usable, _unusable(table)
 
@@ -126,6 +141,7 @@ def info_to_row(info: VideoInfo) -> dict[str, Any]:
     pts_start, pts_step, pts = _compact_pts(info.pts)
     return {
         "status": OK,
+        "probe_format": PROBE_FORMAT,
         "num_frames": info.num_frames,
         "fps": info.fps,
         "duration": info.duration,
@@ -141,6 +157,7 @@ def info_to_row(info: VideoInfo) -> dict[str, Any]:
         "pts_step": pts_step,
         "pts": pts,
         "pts_ordered": info.pts_ordered,
+        "rotation": info.rotation,
     }
 
 
@@ -163,6 +180,7 @@ def info_from_row(row: dict[str, Any]) -> VideoInfo:
         time_base=Fraction(row["time_base"]),
         pts=pts,
         pts_ordered=row["pts_ordered"],
+        rotation=row["rotation"],
     )
 
 
@@ -172,7 +190,7 @@ def _probe_batch(batch: pa.Table) -> pa.Table:
         try:
             row.update(info_to_row(probe(row["path"], check_last_frame=True)))
         except VideoDecodeError as error:
-            row["status"] = error.reason
+            row.update(status=error.reason, probe_format=PROBE_FORMAT)
         rows.append(row)
     schema = pa.schema(list(batch.schema) + INDEX_FIELDS)
     return pa.Table.from_pylist(rows, schema=schema)

@@ -1,15 +1,21 @@
-"""Counting what the clip pipeline had to work around, readable by the trainer between epochs.
+"""Counting what the clip pipeline had to work around, per epoch, readable by the trainer at each epoch's end.
 
 Ray Data tasks report to one named Ray actor: videos that failed to decode (skipped, never failing the job) and
-clips of videos too short for them (indices clamped). Tasks wait for the report to land, so once an epoch's
-iteration ends its counts are complete; the trainer diffs the totals at two epoch ends to get one epoch's figures.
+clips of videos too short for them (indices clamped), under the epoch their rows carry. A task waits for its report
+to land, so once an epoch's iteration ends its counts are complete.
 
 The same actor notices a decoder that kills its whole process (a segfault, the out-of-memory killer), which no
-`except` can catch: before each video a task tells the actor which video it is decoding. Ray retries a task whose
-process died, under the same task id; the retry learns which video was in progress when the last attempt died.
-A video that was in progress at two deaths is skipped and counted, so it costs one video, never the epoch. One
-death is not enough: a lost node or an OOM kill of a large neighbour also ends a task, and the video deserves
-another try. The next epoch's tasks have new ids, so the video gets a fresh chance there.
+`except` can catch. Ray retries a task whose process died, under the same task id. Every attempt tells the actor
+when it starts and when it ends; an attempt that started and never ended died. The first attempt of a task notes
+nothing more, so that the actor sees two calls per task, not one per video. A retry is careful: before each video
+it tells the actor which video it is decoding, so the next death is pinned on that video. A video that was being
+decoded at two deaths is skipped and counted: it costs one video, never the epoch. One death is not enough: a
+lost node or an OOM kill of a large neighbour also ends a task, and the video deserves another try. (A video that
+crashes its decoder every time therefore ends three attempts: one unattributed, two attributed.) The next epoch's
+tasks have new ids, so the video gets a fresh chance there.
+
+Losing the actor costs at most its counts: Ray restarts it (empty), and a task or trainer that cannot reach it
+logs a warning and goes on.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import ray
 
@@ -30,49 +37,62 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SkipSnapshot:
-    """Running totals: videos skipped (once per time it happened) and clips whose indices were clamped."""
+    """Counts: videos skipped (once per time it happened) and clips whose indices were clamped."""
 
     skipped: int = 0
     clamped: int = 0
+
+    def __add__(self, other: SkipSnapshot) -> SkipSnapshot:
+        return SkipSnapshot(self.skipped + other.skipped, self.clamped + other.clamped)
 
     def __sub__(self, earlier: SkipSnapshot) -> SkipSnapshot:
         return SkipSnapshot(self.skipped - earlier.skipped, self.clamped - earlier.clamped)
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, max_restarts=-1)
 class SkipCounter:
-    """Totals of skipped videos and clamped clips, the last reason each video was skipped, and the video each
-    running decode task is on."""
+    """Per-epoch counts of skipped videos and clamped clips, the last reason each video was skipped, and the task
+    attempts under way (with the video of each careful one)."""
 
     def __init__(self) -> None:
-        self._snapshot = SkipSnapshot()
+        self._counts: dict[int, SkipSnapshot] = {}
         self._reasons: dict[str, str] = {}
-        self._decoding: dict[str, tuple[str, int]] = {}  # task id -> (video, pid) being decoded now
-        self._deaths: dict[str, dict[str, int]] = {}  # task id -> video -> process deaths while decoding it
+        self._running: dict[str, tuple[str, int] | None] = {}  # task id -> (video, pid) a careful attempt is on
+        self._deaths: dict[str, dict[str, int]] = {}  # task id (one that died before) -> video -> deaths during it
 
-    def start(self, task: str) -> dict[str, int]:
-        """A task attempt begins: the videos of this task that were in progress when earlier attempts died."""
-        if task in self._decoding:
-            path, _ = self._decoding.pop(task)
+    def start(self, task: str) -> dict[str, int] | None:
+        """A task attempt begins. None: no attempt of this task has died. Else the deaths per video so far (empty
+        when the attempt that died had noted no video): the attempt is careful and notes each video."""
+        if task in self._running:
+            noted = self._running.pop(task)
             deaths = self._deaths.setdefault(task, {})
-            deaths[path] = deaths.get(path, 0) + 1
-        return dict(self._deaths.get(task, {}))
+            if noted is not None:
+                deaths[noted[0]] = deaths.get(noted[0], 0) + 1
+        self._running[task] = None
+        return dict(self._deaths[task]) if task in self._deaths else None
 
     def decoding(self, task: str, path: str, pid: int) -> None:
-        self._decoding[task] = (path, pid)
+        self._running[task] = (path, pid)
 
-    def report(self, task: str, skipped: list[tuple[str, str]], clamped: int) -> None:
-        """A task attempt ends: its counts land, and its in-progress marker is cleared."""
-        self._decoding.pop(task, None)
+    def report(self, task: str, epoch: int, skipped: list[tuple[str, str]], clamped: int) -> None:
+        """A task attempt ends: its counts land under `epoch`, and it is no longer under way."""
+        self._running.pop(task, None)
         for path, reason in skipped:
             self._reasons[path] = reason
-        self._snapshot = SkipSnapshot(self._snapshot.skipped + len(skipped), self._snapshot.clamped + clamped)
+        self._counts[epoch] = self.counts(epoch) + SkipSnapshot(len(skipped), clamped)
+
+    def counts(self, epoch: int) -> SkipSnapshot:
+        return self._counts.get(epoch, SkipSnapshot())
 
     def totals(self) -> SkipSnapshot:
-        return self._snapshot
+        return sum(self._counts.values(), SkipSnapshot())
 
     def reasons(self) -> dict[str, str]:
         return dict(self._reasons)
+
+    def decoding_now(self) -> dict[str, tuple[str, int]]:
+        """Task id -> (video, pid) of every careful attempt under way."""
+        return {task: noted for task, noted in self._running.items() if noted is not None}
 
 
 def skip_counter(name: str = DEFAULT_COUNTER) -> ray.actor.ActorHandle:
@@ -84,26 +104,41 @@ def skip_counter(name: str = DEFAULT_COUNTER) -> ray.actor.ActorHandle:
     return SkipCounter.options(name=name, namespace=NAMESPACE, get_if_exists=True).remote()
 
 
+def epoch_counts(name: str, epoch: int) -> SkipSnapshot | None:
+    """What the tasks of `epoch` skipped and clamped, or None when the counter can't be reached (its counts lost)."""
+    return _answer(lambda: ray.get_actor(name, namespace=NAMESPACE).counts.remote(epoch), f"skip counter {name}")
+
+
+def _answer(call: Any, what: str) -> Any:
+    """ray.get(call()), or None (logged) when the actor is gone or restarting: the pipeline goes on without it."""
+    try:
+        return ray.get(call())
+    except (ray.exceptions.RayActorError, ValueError) as error:  # ValueError: no actor of that name
+        logger.warning("%s unreachable, its counts are lost: %s", what, error)
+        return None
+
+
 class CrashGuard:
-    """One attempt of a decode task, as the counter sees it: which videos to skip, which one is in progress, and
-    what the attempt skipped and clamped."""
+    """One attempt of a decode task, as the counter sees it: which videos to skip, which one is in progress (in a
+    careful attempt), and what the attempt skipped and clamped."""
 
     def __init__(self, counter: ray.actor.ActorHandle) -> None:
         self.counter = counter
         self.task = ray.get_runtime_context().get_task_id()
-        self.deaths = ray.get(counter.start.remote(self.task))
+        self.deaths: dict[str, int] | None = _answer(lambda: counter.start.remote(self.task), "skip counter")
 
     def should_skip(self, path: str) -> str | None:
         """The skip reason if `path` killed its decoding process too often, else None."""
-        deaths = self.deaths.get(path, 0)
+        deaths = (self.deaths or {}).get(path, 0)
         return PROCESS_DIED.format(deaths) if deaths >= DEATHS_BEFORE_SKIP else None
 
     def decoding(self, path: str) -> None:
-        """Record, before decoding `path`, that it is in progress (waits: a crash may follow at once)."""
-        ray.get(self.counter.decoding.remote(self.task, path, os.getpid()))
+        """In a careful attempt, record that `path` is in progress before decoding it (waits: a crash may follow)."""
+        if self.deaths is not None:
+            _answer(lambda: self.counter.decoding.remote(self.task, path, os.getpid()), "skip counter")
 
-    def finish(self, skipped: list[tuple[str, str]], clamped: int) -> None:
+    def finish(self, epoch: int, skipped: list[tuple[str, str]], clamped: int) -> None:
         """Log each skipped video on one line and add everything to the counter, waiting until it is counted."""
         for path, reason in skipped:
             logger.warning("skipped video %s: %s", path, reason)
-        ray.get(self.counter.report.remote(self.task, skipped, clamped))
+        _answer(lambda: self.counter.report.remote(self.task, epoch, skipped, clamped), "skip counter")

@@ -3,7 +3,10 @@
 Clips stay uint8 all the way through Ray Data; normalising to float happens on the training device, which moves
 4× fewer bytes through the object store. Training crops pick a box in the source frame and resize only that box
 (a short-side scale jitter followed by a random crop is the same as a random box whose side is crop / scale).
-RandAugment, random erasing and the like plug in as `augments`: functions of (clip, rng) run after crop and flip.
+The box is drawn from the frame size alone (`TrainTransform.box`), so the clip pipeline can draw it before decoding
+and, when the box is larger than the output, have the decoder convert straight to the output size
+(`pipeline.data.video.FrameCrop`); `finish` then does the rest. RandAugment, random erasing and the like plug in
+as `augments`: functions of (clip, rng) run after crop and flip.
 """
 
 from __future__ import annotations
@@ -28,12 +31,16 @@ def resize(clip: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.ascontiguousarray(resized.permute(0, 2, 3, 1).numpy())
 
 
+def short_side_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """(height, width) with the shorter side `size`, keeping the aspect ratio."""
+    if height <= width:
+        return size, max(round(width * size / height), size)
+    return max(round(height * size / width), size), size
+
+
 def short_side_resize(clip: np.ndarray, size: int) -> np.ndarray:
     """Resize so the shorter side is `size`, keeping the aspect ratio."""
-    height, width = clip.shape[1:3]
-    if height <= width:
-        return resize(clip, size, max(round(width * size / height), size))
-    return resize(clip, max(round(height * size / width), size), size)
+    return resize(clip, *short_side_size(*clip.shape[1:3], size))
 
 
 def crop(clip: np.ndarray, box: Box) -> np.ndarray:
@@ -115,12 +122,17 @@ class TrainTransform:
     augments: tuple[ClipAugment, ...] = ()
 
     def __call__(self, clip: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        height, width = clip.shape[1:3]
+        box = self.box(*clip.shape[1:3], rng)
+        return self.finish(resize(crop(clip, box), self.crop_size, self.crop_size), rng)
+
+    def box(self, height: int, width: int, rng: np.random.Generator) -> Box:
+        """The source box of one clip of a height × width video."""
         if self.random_resized_crop:
-            box = inception_box(height, width, self.crop_area, self.crop_aspect, rng)
-        else:
-            box = scale_jitter_box(height, width, self.crop_size, self.short_side, rng)
-        out = resize(crop(clip, box), self.crop_size, self.crop_size)
+            return inception_box(height, width, self.crop_area, self.crop_aspect, rng)
+        return scale_jitter_box(height, width, self.crop_size, self.short_side, rng)
+
+    def finish(self, out: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Flip and augment a clip already cut to its box and resized to crop_size²."""
         if self.flip and rng.random() < 0.5:
             out = horizontal_flip(out)
         for augment in self.augments:
@@ -138,6 +150,10 @@ class EvalTransform:
 
     def __call__(self, clip: np.ndarray) -> list[np.ndarray]:
         return spatial_crops(short_side_resize(clip, self.short_side), self.crop_size, self.num_crops)
+
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) of a height × width frame with its short side resized, as `short_side_resize` does."""
+        return short_side_size(height, width, self.short_side)
 
 
 class Normalise:

@@ -3,7 +3,9 @@
 A frame's index is its position in presentation (display) order. `probe` demuxes the video stream without decoding
 it and records every packet timestamp, so `decode_frames` can seek to the keyframe before the first wanted frame,
 identify each decoded frame exactly, skip decoding frames that nothing needs, and convert to RGB only the frames it
-returns.
+returns. Frames come out as displayed: a rotation in the container's display matrix is applied. A clip that is
+shrunk anyway can ask for a box of each frame at its output size (`FrameCrop`): the frame is then converted to RGB
+straight at the scaled size, in the one swscale call, instead of at full resolution and then resized.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import bisect
 import itertools
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from fractions import Fraction
@@ -50,7 +52,7 @@ class VideoInfo:
     num_frames: int
     fps: float
     duration: float
-    width: int
+    width: int  # as displayed (after `rotation`)
     height: int
     codec: str
     keyframes: tuple[int, ...]  # presentation indices of the frames a decode can start from
@@ -60,22 +62,45 @@ class VideoInfo:
     time_base: Fraction
     pts: tuple[int, ...]  # pts of every frame, in presentation order
     pts_ordered: bool  # True: frames are identified by pts; False: by counting from a keyframe
+    rotation: int = 0  # degrees counter-clockwise (0, 90, 180, 270) that turn a decoded frame into the displayed one
+
+    def frame_times(self) -> np.ndarray | None:
+        """Each frame's time in seconds from the first, or None when the frames are evenly spaced (constant rate)."""
+        steps = np.diff(np.asarray(self.pts, dtype=np.int64))
+        if steps.size == 0 or (steps == steps[0]).all():
+            return None
+        return (np.asarray(self.pts, dtype=np.int64) - self.pts[0]) * float(self.time_base)
+
+
+@dataclass(frozen=True)
+class FrameCrop:
+    """The box (top, left, height, width) of the displayed frame that a clip shows, and its output size (height,
+    width); for a box at least as large as the output."""
+
+    box: tuple[int, int, int, int]
+    size: tuple[int, int]
 
 
 def probe(path: str | os.PathLike, *, check_last_frame: bool = False) -> VideoInfo:
     """Demux the video stream once and describe it; with check_last_frame, also prove the last frame decodes.
 
     Raises VideoDecodeError for anything that makes the video unusable.
+    With check_last_frame (as indexing probes), a container that only guesses timestamps (AVI and the like) is
+    also decoded once in full: if its frames come out with exactly the probed timestamps, in order, they are
+    identified by timestamp from then on, which lets decoding skip the frames that nothing needs.
     """
     path = str(path)
     _check_file(path)
     with _ffmpeg_errors(path, "cannot read"), _open(path) as container:
         info = _describe(path, container)
+    info = _with_rotation(info, _display_rotation(path, info))
     if check_last_frame:
         try:
             decode_frames(path, [info.num_frames - 1], info)
         except VideoDecodeError as error:
             raise VideoDecodeError(path, f"the last frame does not decode ({error.reason})") from None
+        if not info.pts_ordered and len(set(info.pts)) == len(info.pts) and _decodes_in_pts_order(path, info):
+            info = replace(info, pts_ordered=True)
     return info
 
 
@@ -88,17 +113,32 @@ def decode_frames(
     colour conversion: one thread per CPU the caller has (FFmpeg's automatic choice spends more CPU time).
     """
     path = str(path)
-    wanted = [int(index) for index in indices]
     info = info if info is not None else probe(path)
-    if not wanted:
-        return np.empty((0, info.height, info.width, 3), dtype=np.uint8)
-    for index in wanted:
+    return decode_clips(path, [(indices, None)], info, threads=threads)[0]
+
+
+def decode_clips(
+    path: str | os.PathLike,
+    clips: Sequence[tuple[Iterable[int], FrameCrop | None]],
+    info: VideoInfo,
+    *,
+    threads: int = 1,
+) -> list[np.ndarray]:
+    """Several clips of one video from one decode: for each (indices, crop), the frames at `indices` as uint8 RGB,
+    whole (N, H, W, 3) when crop is None, else the crop's box at its size (N, h, w, 3), scaled in the conversion."""
+    path = str(path)
+    wanted = [[int(index) for index in indices] for indices, _ in clips]
+    for index in (index for indices in wanted for index in indices):
         if not 0 <= index < info.num_frames:
             raise VideoDecodeError(
                 path, f"frame index {index} is past the end (the video has {info.num_frames} frames)"
             )
-    kept = _decode_unique(path, info, sorted(set(wanted)), threads)
-    return np.stack([kept[index] for index in wanted])
+    unique = sorted({index for indices in wanted for index in indices})
+    if not unique:
+        return [np.empty((0, info.height, info.width, 3), dtype=np.uint8) for _ in clips]
+    views = _ClipViews(info, wanted, [crop for _, crop in clips], threads)
+    kept = _decode_unique(path, info, unique, threads, views)
+    return [views.stack(kept, number, indices) for number, indices in enumerate(wanted)]
 
 
 def _check_file(path: str) -> None:
@@ -239,24 +279,27 @@ class _PtsOutOfOrder(Exception):
     """The decoder's timestamps contradict the probe's; identify frames by counting instead."""
 
 
-def _decode_unique(path: str, info: VideoInfo, wanted: list[int], threads: int) -> dict[int, np.ndarray]:
+def _decode_unique(
+    path: str, info: VideoInfo, wanted: list[int], threads: int, convert: _ClipViews
+) -> dict[int, dict[int, np.ndarray]]:
     """Decode the sorted, distinct `wanted` frames, starting from the last keyframe at or before the first."""
     starts = [*sorted({kf for kf in info.keyframes if 0 < kf <= wanted[0]}, reverse=True), 0]
     for start in starts:
         try:
-            return _decode_from(path, info, start, wanted, threads)
+            return _decode_from(path, info, start, wanted, threads, convert)
         except _SeekMissed:
             continue
         except _PtsOutOfOrder:
-            return _decode_from(path, replace(info, pts_ordered=False), 0, wanted, threads)
+            return _decode_from(path, replace(info, pts_ordered=False), 0, wanted, threads, convert)
     raise AssertionError("decoding from frame 0 never misses its seek")
 
 
-def _decode_from(path: str, info: VideoInfo, start: int, wanted: list[int], threads: int) -> dict[int, np.ndarray]:
+def _decode_from(
+    path: str, info: VideoInfo, start: int, wanted: list[int], threads: int, convert: _ClipViews
+) -> dict[int, dict[int, np.ndarray]]:
     number = _PtsNumbering(info, start) if info.pts_ordered else _CountNumbering(info, start)
-    to_rgb = _RgbConverter(info, threads)
     wanted_set = set(wanted)
-    kept: dict[int, np.ndarray] = {}
+    kept: dict[int, dict[int, np.ndarray]] = {}
     with _ffmpeg_errors(path, "decoding failed"), _open(path) as container:
         stream = container.streams[info.stream_index]
         stream.codec_context.thread_count = threads
@@ -267,7 +310,7 @@ def _decode_from(path: str, info: VideoInfo, start: int, wanted: list[int], thre
         for frame in _decoded(packets, stream.codec_context, needed_pts):
             index = number(frame)
             if index in wanted_set:
-                kept[index] = to_rgb(frame)
+                kept[index] = convert(index, frame)
                 if len(kept) == len(wanted_set):
                     return kept
             if index is not None and index >= wanted[-1]:
@@ -370,14 +413,81 @@ class _CountNumbering:
         return index
 
 
-class _RgbConverter:
-    """RGB at the probed size (a frame that changed size mid-stream is scaled back), reusing one scaler context."""
+class _ClipViews:
+    """Each kept frame converted to RGB as displayed for every clip that wants it: whole (one conversion shared by
+    the clips without a crop), or scaled so that the clip's box comes out at its size, then cut out of the result.
 
-    def __init__(self, info: VideoInfo, threads: int) -> None:
+    One reused scaler context; a frame that changed size mid-stream is scaled back to the probed size first."""
+
+    def __init__(self, info: VideoInfo, wanted: list[list[int]], crops: list[FrameCrop | None], threads: int) -> None:
         self.reformatter = VideoReformatter()
-        self.size = {"width": info.width, "height": info.height}
-        self.threads = threads
+        self.info, self.crops, self.threads = info, crops, threads
+        self.turns = info.rotation // 90
+        self.wanted_by: dict[int, set[int]] = {}
+        for number, indices in enumerate(wanted):
+            for index in indices:
+                self.wanted_by.setdefault(index, set()).add(number)
 
-    def __call__(self, frame: av.VideoFrame) -> np.ndarray:
-        rgb = self.reformatter.reformat(frame, format="rgb24", threads=self.threads, **self.size)
-        return rgb.to_ndarray()
+    def __call__(self, index: int, frame: av.VideoFrame) -> dict[int, np.ndarray]:
+        views: dict[int, np.ndarray] = {}
+        whole = None
+        for number in self.wanted_by[index]:
+            crop = self.crops[number]
+            if crop is None:
+                whole = self._displayed(frame, self.info.height, self.info.width) if whole is None else whole
+                views[number] = whole
+            else:
+                views[number] = self._cropped(frame, crop)
+        return views
+
+    def stack(self, kept: dict[int, dict[int, np.ndarray]], number: int, indices: list[int]) -> np.ndarray:
+        if not indices:
+            return np.empty((0, self.info.height, self.info.width, 3), dtype=np.uint8)
+        return np.stack([kept[index][number] for index in indices])
+
+    def _cropped(self, frame: av.VideoFrame, crop: FrameCrop) -> np.ndarray:
+        (top, left, box_height, box_width), (height, width) = crop.box, crop.size
+        scale_y, scale_x = height / box_height, width / box_width
+        scaled_height = max(round(self.info.height * scale_y), height)
+        scaled_width = max(round(self.info.width * scale_x), width)
+        scaled = self._displayed(frame, scaled_height, scaled_width)
+        top = min(round(top * scale_y), scaled_height - height)
+        left = min(round(left * scale_x), scaled_width - width)
+        return np.ascontiguousarray(scaled[top : top + height, left : left + width])
+
+    def _displayed(self, frame: av.VideoFrame, height: int, width: int) -> np.ndarray:
+        """The frame in RGB at (height, width) as displayed: scaled in its coded orientation, then turned."""
+        coded = (width, height) if self.turns % 2 == 0 else (height, width)
+        rgb = self.reformatter.reformat(
+            frame, format="rgb24", width=coded[0], height=coded[1], threads=self.threads
+        ).to_ndarray()
+        return np.ascontiguousarray(np.rot90(rgb, self.turns)) if self.turns else rgb
+
+
+def _display_rotation(path: str, info: VideoInfo, packets_to_try: int = 64) -> int:
+    """The display matrix's rotation, as FFmpeg puts it on decoded frames, rounded to a quarter turn (0-270): read
+    from the first frame that decodes (a broken first GOP is passed over; none in `packets_to_try`: 0)."""
+    with _ffmpeg_errors(path, "cannot read"), _open(path) as container:
+        stream = container.streams[info.stream_index]
+        for packet in itertools.islice(container.demux(stream), packets_to_try):
+            try:
+                frames = stream.codec_context.decode(packet)
+            except av.error.InvalidDataError:
+                continue
+            if frames:
+                return round(frames[0].rotation / 90) % 4 * 90
+    return 0
+
+
+def _with_rotation(info: VideoInfo, rotation: int) -> VideoInfo:
+    if rotation in (90, 270):
+        return replace(info, rotation=rotation, width=info.height, height=info.width)
+    return replace(info, rotation=rotation)
+
+
+def _decodes_in_pts_order(path: str, info: VideoInfo) -> bool:
+    """Whether every decoded frame carries the probed timestamp of its position (a whole decode, no conversion)."""
+    with _ffmpeg_errors(path, "decoding failed"), _open(path) as container:
+        stream = container.streams[info.stream_index]
+        decoded = [frame.pts for frame in _decoded(container.demux(stream), stream.codec_context, None)]
+    return decoded == list(info.pts)

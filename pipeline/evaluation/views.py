@@ -9,10 +9,11 @@ import numpy as np
 
 from pipeline.checkpoints import latest_checkpoint
 from pipeline.config import EvaluationJobConfig
+from pipeline.data.dataset import video_test_views
 from pipeline.data.manifest import read_label_map
-from pipeline.data.sampling import ClipSpec, uniform_clips
+from pipeline.data.sampling import ClipSpec
 from pipeline.data.transforms import EvalTransform
-from pipeline.data.video import decode_frames, probe
+from pipeline.data.video import probe
 from pipeline.evaluation.loading import LoadedModel, ModelReference, ModelSourceError
 from pipeline.tracking import resolve_tracking_uri
 
@@ -73,8 +74,5 @@ def clip_settings(cfg: EvaluationJobConfig, loaded: LoadedModel, explicit: set[s
 def video_views(path: str, settings: ClipSettings, num_clips: int, num_crops: int) -> np.ndarray:
     """The K×S test views of one video, uint8 (views, T, H, W, 3), exactly as
     `pipeline.data.dataset.test_dataset` cuts them; raises `VideoDecodeError` naming the file."""
-    info = probe(path)
-    clips = uniform_clips(info.num_frames, info.fps, settings.spec, num_clips)
-    frames = decode_frames(path, np.concatenate([clip.indices for clip in clips]), info)
     transform = settings.transform(num_crops)
-    return np.stack([view for clip in np.split(frames, len(clips)) for view in transform(clip)])
+    return video_test_views(probe(path), spec=settings.spec, transform=transform, num_clips=num_clips)

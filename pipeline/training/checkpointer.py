@@ -33,7 +33,7 @@ class LoopState:
     step: int = 0  # optimizer steps taken over the whole run
     step_in_epoch: int = 0
     best_top1: float = -1.0
-    skipped_before: int = 0  # skip-counter total when the epoch began
+    skipped_before: int = 0  # unused since skips are counted per epoch; kept so that older checkpoints load
     pending: list[Metric] = field(default_factory=list)  # metrics waiting for their checkpoint to commit
 
 

@@ -125,8 +125,24 @@ def plan_data(cfg: TrainingJobConfig) -> DataPlan:
     return DataPlan(tables[0], tables[1], labels, excluded)
 
 
-def build_datasets(data: DataConfig, plan: DataPlan, skip_counter: str) -> dict[str, ray.data.Dataset]:
-    """The epoch's training clips (random views) and validation clips (the centre view of every video)."""
+def train_transform(data: DataConfig) -> TrainTransform:
+    """The training crops and flips that `data.crop_size` and `data.augment` describe."""
+    augment = data.augment
+    return TrainTransform(
+        crop_size=data.crop_size,
+        short_side=(augment.min_short_side, augment.max_short_side),
+        random_resized_crop=augment.crop == "inception",
+        crop_area=(augment.min_area, augment.max_area),
+        crop_aspect=(augment.min_aspect, augment.max_aspect),
+        flip=augment.flip,
+    )
+
+
+def build_datasets(
+    data: DataConfig, plan: DataPlan, skip_counter: str, seed: int, epoch_clock: str
+) -> dict[str, ray.data.Dataset]:
+    """The epoch's training clips (random views, in the order and with the crops that `seed` and the epoch that
+    the training loop sets on `epoch_clock` give) and validation clips (the centre view of every video)."""
     spec = ClipSpec(data.num_frames, data.sampling_rate, data.target_fps)
     tasks = DecodeTasks(
         cpus=data.cpus_per_task,
@@ -135,19 +151,19 @@ def build_datasets(data: DataConfig, plan: DataPlan, skip_counter: str) -> dict[
         videos_per_task=data.videos_per_task,
         skip_counter=skip_counter,
     )
-    augment = data.augment
-    transform = TrainTransform(
-        crop_size=data.crop_size,
-        short_side=(augment.min_short_side, augment.max_short_side),
-        random_resized_crop=augment.crop == "inception",
-        crop_area=(augment.min_area, augment.max_area),
-        crop_aspect=(augment.min_aspect, augment.max_aspect),
-        flip=augment.flip,
-    )
+    transform = train_transform(data)
     val_transform = EvalTransform(data.test_short_side, data.crop_size, 1)
     return {
-        "train": train_dataset(plan.train_index, spec=spec, transform=transform, num_clips=data.num_clips, tasks=tasks),
-        "val": val_dataset(plan.val_index, spec=spec, transform=val_transform, tasks=tasks),
+        "train": train_dataset(
+            plan.train_index,
+            spec=spec,
+            transform=transform,
+            num_clips=data.num_clips,
+            tasks=tasks,
+            seed=seed,
+            epoch=epoch_clock,
+        ),
+        "val": val_dataset(plan.val_index, spec=spec, transform=val_transform, tasks=tasks, epoch=epoch_clock),
     }
 
 
@@ -156,6 +172,7 @@ def build_trainer(cfg: TrainingJobConfig, config_yaml: str, plan: DataPlan, run_
     # One counter per training call: a counter left by an earlier call in this process may be dying (it lives only
     # while something references it), and a fresh name can't be handed such a one.
     skip_counter = f"skips-{cfg.run.name}-{uuid.uuid4().hex[:8]}"
+    epoch_clock = f"epoch-{skip_counter}"
     clips_per_epoch = plan.train_index.num_rows * data.num_clips
     job = TrainJob(
         config=cfg,
@@ -167,8 +184,9 @@ def build_trainer(cfg: TrainingJobConfig, config_yaml: str, plan: DataPlan, run_
         steps_per_epoch=max(clips_per_epoch // (train.batch_size * cfg.scaling.num_workers), 1),
         mlflow_run_id=run_id,
         skip_counter=skip_counter,
+        epoch_clock=epoch_clock,
     )
-    datasets = build_datasets(data, plan, skip_counter)
+    datasets = build_datasets(data, plan, skip_counter, train.seed, epoch_clock)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=job,

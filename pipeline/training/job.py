@@ -20,3 +20,4 @@ class TrainJob:
     steps_per_epoch: int
     mlflow_run_id: str
     skip_counter: str  # name of this run's skip-counter actor
+    epoch_clock: str  # name of the actor that tells the datasets which epoch to draw (pipeline.data.order)

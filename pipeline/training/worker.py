@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 import mvit
-from pipeline.data.skips import skip_counter
+from pipeline.data.order import set_epoch
+from pipeline.data.skips import epoch_counts
 from pipeline.data.transforms import Normalise
 from pipeline.errors import TrainingStopped
 from pipeline.precision import resolve_precision
@@ -129,6 +130,7 @@ class WorkerLoop:
     def train_epoch(self, steps_per_epoch: int) -> None:
         train = self.job.config.train
         self.model.train()
+        set_epoch(self.job.epoch_clock, self.state.epoch)  # before iterating: the epoch's data order and crops
         batches = self._batches("train", drop_last=True)
         window, bad_in_a_row = _Window(), 0
         for _ in range(max(steps_per_epoch - self.state.step_in_epoch, 0)):
@@ -166,30 +168,21 @@ class WorkerLoop:
         batches = self._batches("val", drop_last=False)
         return validate(unwrap(self.model), batches, self.normalise, self.precision, self.device)
 
-    def _skipped_this_epoch(self) -> int:
-        skipped_now = ray.get(skip_counter(self.job.skip_counter).totals.remote()).skipped
-        before = self.state.skipped_before
-        self.state.skipped_before = skipped_now
-        # A driver that died and came back brings a new counter that starts from zero.
-        return skipped_now - before if skipped_now >= before else skipped_now
-
     def end_epoch(self) -> None:
         """Validate, keep the best model, and checkpoint with the epoch's metrics."""
         val = self.validate()
-        skipped = self._skipped_this_epoch()
+        counts = epoch_counts(self.job.skip_counter, self.state.epoch)  # None: the counter was lost
+        data = {"data/skipped_videos": counts.skipped, "data/clamped_clips": counts.clamped} if counts else {}
         if self.rank == 0:
-            for key, value in val.items():
+            for key, value in {**val, **data}.items():
                 self.checkpointer.record(key, value)
-            self.checkpointer.record("data/skipped_videos", skipped)
             self.checkpointer.record("train/epoch", self.state.epoch + 1)
             if val["val/top1"] > self.state.best_top1:
                 self.state.best_top1 = val["val/top1"]
                 self.checkpointer.keep_best()
         self.state.epoch += 1
         self.state.step_in_epoch = 0
-        self.checkpointer.save(
-            {"epoch": self.state.epoch, "step": self.state.step, **val, "data/skipped_videos": skipped}
-        )
+        self.checkpointer.save({"epoch": self.state.epoch, "step": self.state.step, **val, **data})
         if self.logger is not None:
             self.logger.log_curves()
 
