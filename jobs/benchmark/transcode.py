@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     spec = ClipSpec(16, 4, 30.0)
     print(f"16x4 clips at 30 fps, {args.clips} per file; clips/s per CPU of decode and of decode + 224² crop")
     print(
-        f"{'file':<40}{'size':>10}{'MB':>7}{'bytes':>7}{'enc s':>7}{'PSNR':>6}{'dec/s':>7}{'+crop/s':>8}{'speed-up':>9}"
+        f"{'file':<52}{'size':>10}{'MB':>7}{'bytes':>7}{'enc s':>7}{'PSNR':>6}{'dec/s':>7}{'+crop/s':>8}{'speed-up':>9}"
     )
     with tempfile.TemporaryDirectory() as scratch:
         for path in videos:
@@ -74,9 +74,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _encoded(source: str, scratch: Path, settings: EncodeSettings) -> _File:
-    target = (
-        scratch / f"{Path(source).stem}_s{settings.short_side}_g{settings.gop}_c{settings.crf}_{settings.preset}.mp4"
-    )
+    name = f"{Path(source).stem}_s{settings.short_side}_g{settings.gop}_c{settings.crf}_{settings.preset}"
+    target = scratch / f"{name}_{settings.tune}.mp4" if settings.tune else scratch / f"{name}.mp4"
     started = time.process_time()
     size = transcode_video(source, target, settings)
     seconds = time.process_time() - started
@@ -113,7 +112,7 @@ def _print(files: list[_File], clips: int) -> None:
     for file in files:
         cost = file.decode_seconds + file.crop_seconds
         print(
-            f"{file.name:<40}{file.info.width:>5}x{file.info.height:<4}{file.bytes / 1e6:>7.2f}"
+            f"{file.name:<52}{file.info.width:>5}x{file.info.height:<4}{file.bytes / 1e6:>7.2f}"
             f"{file.bytes / original.bytes:>6.2f}x"
             + (
                 f"{file.encode_seconds:>7.2f}{file.psnr:>6.1f}"

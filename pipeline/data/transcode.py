@@ -49,7 +49,7 @@ class EncodeSettings:
     short_side: int  # the shorter side is scaled down to this many pixels; a smaller video keeps its size
     gop: int  # at most this many frames from one keyframe to the next
     crf: int  # libx264's constant rate factor: 0 lossless, 23 its default, 51 worst
-    preset: str  # libx264's speed/size trade-off of the encoder; decoding speed barely depends on it
+    preset: str  # libx264's encoder speed against quality and size at one CRF
     tune: str  # libx264's tune: "" for none, or e.g. "fastdecode" (no CABAC, no deblocking: faster, larger)
 
     def __post_init__(self) -> None:
@@ -170,10 +170,15 @@ def _with_durations(packets: list[av.Packet], durations: dict[int, int]) -> list
 
 
 def _copy_picture_properties(source: av.codec.context.CodecContext, target: av.codec.context.CodecContext) -> None:
-    """Keep the pixel aspect ratio and the colour description, so the new file shows what the old one did."""
+    """Keep the pixel aspect ratio and the colour description, so the new file shows what the old one did.
+
+    The range is kept too, except from the full-range yuvj formats, which the conversion to yuv420p already moves to
+    the limited range that yuv420p means by default.
+    """
     if source.sample_aspect_ratio:
         target.sample_aspect_ratio = source.sample_aspect_ratio
-    for name in ("color_range", "colorspace", "color_primaries", "color_trc"):
+    names = ["colorspace", "color_primaries", "color_trc"]
+    for name in names if (source.pix_fmt or "").startswith("yuvj") else ["color_range", *names]:
         setattr(target, name, getattr(source, name))
 
 
