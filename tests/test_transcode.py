@@ -25,7 +25,7 @@ from pipeline.data.transcode import (
     transcode_video,
 )
 from pipeline.data.video import VideoDecodeError, decode_frames, probe
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, DataError
 
 MP4 = replace(H264_BFRAMES_LONG_GOP, width=128, height=96, num_frames=24)
 AVI = replace(MPEG4_AVI, width=128, height=96, num_frames=24)
@@ -175,6 +175,10 @@ def test_a_changed_manifest_redoes_changed_rows_and_other_settings_redo_all(tmp_
     assert read_manifest(changed.manifest)["path"][1].as_py() == str(out / "videos" / "e.mp4")
     other = transcode_manifest(data / "all.csv", out, replace(HALF, gop=4))
     assert (other.encoded, other.reused) == (4, 0)
+    _write_csv(data / "all.csv", [("bad.mp4", "left", "", "")])  # a run that ends without a new manifest ...
+    with pytest.raises(DataError, match="no video could be re-encoded"):
+        transcode_manifest(data / "all.csv", out, HALF)
+    assert not (out / "all.csv").exists()  # ... leaves none of an earlier run, whose rows may point at new files
 
 
 def test_the_job_refuses_to_overwrite_its_input(tmp_path):

@@ -245,9 +245,12 @@ def transcode_manifest(
 
     The new manifest has the name of the old one, the same rows (labels, segments) in the same order with paths to
     the new files, relative to out_dir; the label map is copied beside it. A video that fails is left out of it,
-    listed in `<name>_failed.tsv` with its reason, and the job goes on.
+    listed in `<name>_failed.tsv` with its reason, and the job goes on. The new manifest is written last, so one
+    that exists describes a finished run.
     """
     plan = plan_transcode(manifest_path, out_dir, root, allow_outside_root)
+    # An earlier run's manifest goes first: while videos are replaced it could pair a new file with an old label.
+    plan.new_manifest.unlink(missing_ok=True)
     results = _run_on_ray(plan.targets, settings, cpus_per_task, concurrency, videos_per_task)
     outcomes = [results[source]["outcome"] for source in plan.targets]
     failed = [(source, results[source]["reason"]) for source in plan.targets if results[source]["outcome"] == "failed"]
