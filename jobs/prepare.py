@@ -1,8 +1,9 @@
-"""`python -m jobs.prepare {demo,index,import}`: get a dataset ready for training.
+"""`python -m jobs.prepare {demo,index,import,transcode}`: get a dataset ready for training.
 
-    demo    write the synthetic motion dataset (videos, train/val manifests, label map)
-    import  turn Kinetics CSVs, PySlowFast lists, Something-Something v2 JSON or class folders into a manifest
-    index   probe every video of a manifest on the Ray cluster and write the Parquet index training reads
+    demo       write the synthetic motion dataset (videos, train/val manifests, label map)
+    import     turn Kinetics CSVs, PySlowFast lists, Something-Something v2 JSON or class folders into a manifest
+    index      probe every video of a manifest on the Ray cluster and write the Parquet index training reads
+    transcode  re-encode a manifest's videos on the Ray cluster (smaller, shorter GOPs) and write a new manifest
 
 Bad input ends with one line on stderr and the exit code of its kind (see the README).
 """
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jobs.prepare", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(required=True, metavar="{demo,index,import}")
+    commands = parser.add_subparsers(required=True, metavar="{demo,index,import,transcode}")
 
     demo = commands.add_parser("demo", help="write the synthetic motion dataset")
     demo.add_argument("--out", type=Path, required=True, help="folder to write")
@@ -62,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     index.add_argument("--concurrency", type=int, help="most probe tasks at once (default: as many as fit)")
     index.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else start a local Ray)")
     index.set_defaults(command=_index)
+
+    _add_transcode(commands)
 
     importer = commands.add_parser("import", help="write a manifest and label map from another format")
     formats = importer.add_subparsers(required=True, metavar="{kinetics,pyslowfast,ssv2,folders}")
@@ -87,6 +90,24 @@ def _parser() -> argparse.ArgumentParser:
     for command in (kinetics, pyslowfast, ssv2, folders):
         command.add_argument("--out", type=Path, required=True, help="manifest to write (.parquet or .csv)")
     return parser
+
+
+def _add_transcode(commands: argparse._SubParsersAction) -> None:
+    transcode = commands.add_parser("transcode", help="re-encode a manifest's videos for fast decoding, on Ray")
+    transcode.add_argument("--manifest", type=Path, required=True)
+    transcode.add_argument("--out", type=Path, required=True, help="folder for the videos and the new manifest")
+    transcode.add_argument("--root", type=Path, help="where relative paths start (default: the manifest's folder)")
+    transcode.add_argument("--allow-outside-root", action="store_true", help="accept paths that leave the root")
+    # the defaults are measured in BENCHMARKS.md ("Re-encoding")
+    transcode.add_argument("--short-side", type=int, default=320, help="scale down to this short side (%(default)s)")
+    transcode.add_argument("--gop", type=int, default=32, help="frames between keyframes at most (%(default)s)")
+    transcode.add_argument("--crf", type=int, default=23, help="libx264 quality, lower is better (%(default)s)")
+    transcode.add_argument("--preset", default="fast", help="libx264 encoder preset (%(default)s)")
+    transcode.add_argument("--tune", default="fastdecode", help="libx264 tune, or none (%(default)s)")
+    transcode.add_argument("--cpus-per-task", type=float, default=1.0, help="(default: 1)")
+    transcode.add_argument("--concurrency", type=int, help="most encode tasks at once (default: as many as fit)")
+    transcode.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else start a local Ray)")
+    transcode.set_defaults(command=_transcode)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -122,6 +143,35 @@ def _index(args: argparse.Namespace) -> int:
     )
     for path, reason in summary.unusable:
         print(f"  left out {path}: {reason}")
+    return 0
+
+
+def _transcode(args: argparse.Namespace) -> int:
+    from pipeline.cluster import connect
+    from pipeline.data.transcode import EncodeSettings, plan_transcode, transcode_manifest
+
+    tune = "" if args.tune == "none" else args.tune
+    settings = EncodeSettings(args.short_side, args.gop, args.crf, args.preset, tune)
+    plan_transcode(args.manifest, args.out, args.root, args.allow_outside_root)  # refuse a bad plan before Ray
+    connect(args.address, None)
+    summary = transcode_manifest(
+        args.manifest,
+        args.out,
+        settings,
+        args.root,
+        allow_outside_root=args.allow_outside_root,
+        cpus_per_task=args.cpus_per_task,
+        concurrency=args.concurrency,
+    )
+    print(
+        f"re-encoded {summary.encoded} of {summary.videos} videos ({summary.reused} already done, "
+        f"{len(summary.failed)} failed), {summary.bytes_in / 1e6:.1f} MB -> {summary.bytes_out / 1e6:.1f} MB; "
+        f"wrote {summary.rows_written} of {summary.rows} rows to {summary.manifest}"
+    )
+    for path, reason in summary.failed:
+        print(f"  failed {path}: {reason}")
+    if summary.failed:
+        print(f"  (listed in {summary.failed_list})")
     return 0
 
 

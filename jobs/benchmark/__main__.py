@@ -1,17 +1,23 @@
-"""`python -m jobs.benchmark {model,data,pipeline,scale} ...`: speed and size figures; BENCHMARKS.md records them."""
+"""`python -m jobs.benchmark {model,data,pipeline,scale,transcode} ...`: speed and size figures (BENCHMARKS.md)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from jobs.benchmark import data, model, pipeline, scale
+from jobs.benchmark import data, model, pipeline, scale, transcode
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="jobs.benchmark", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, module in (("model", model), ("data", data), ("pipeline", pipeline), ("scale", scale)):
+    for name, module in (
+        ("model", model),
+        ("data", data),
+        ("pipeline", pipeline),
+        ("scale", scale),
+        ("transcode", transcode),
+    ):
         sub = commands.add_parser(name, help=module.__doc__.splitlines()[0] if module.__doc__ else name)
         module.add_arguments(sub)
         sub.set_defaults(run=module.run)
