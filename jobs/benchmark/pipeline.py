@@ -1,7 +1,8 @@
 """`python -m jobs.benchmark pipeline`: training clips/s per CPU core of the Ray Data video path, end to end.
 
 Probes the videos once, then times `pipeline.dataset.train_dataset` (shuffle, seek-and-decode, sample, short-side
-jitter, crop, flip) for each repeated-augmentation setting in one run, on a local Ray given `--cpus` decode CPUs.
+jitter, crop, flip) for each repeated-augmentation setting in one run, on a local Ray given `--cpus` decode CPUs
+(or on the cluster of RAY_ADDRESS / `ray start`, whose CPUs are its own: `--cpus` then only divides the figures).
 Clips/s per core is the input side's budget unit: a GPU that trains at G clips/s needs G / (clips/s per core) cores.
 """
 
@@ -34,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import ray
 
+    from pipeline.cluster import connect
     from pipeline.data.dataset import DecodeTasks, train_dataset
     from pipeline.data.sampling import ClipSpec
     from pipeline.data.transforms import TrainTransform
@@ -41,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     paths = args.videos or sorted(p for p in DEFAULT_VIDEOS.iterdir() if p.suffix in VIDEO_SUFFIXES)
     rows = [{"path": str(p), "label": 0, **info_to_row(probe(p))} for p in paths]
     index = pa.Table.from_pylist(rows * args.repeat)
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    connect(None, args.cpus, log_to_driver=False)  # under `ray job submit` or `ray start`: that cluster
 
     def clips_and_seconds(num_clips: int) -> tuple[int, float]:
         transform = TrainTransform(
