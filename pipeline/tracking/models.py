@@ -115,6 +115,7 @@ def load_logged_model(uri: str, tracking_uri: str | None, allow_pickle: bool) ->
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per file, for small files
     with tempfile.TemporaryDirectory() as folder:
         try:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=folder))
@@ -175,6 +176,8 @@ def _from_flavour(local: Path, description: dict, uri: str, allow_pickle: bool, 
             os.environ.pop(PICKLE_ENV, None)
         else:
             os.environ[PICKLE_ENV] = previous
+    if not isinstance(module, nn.Module):
+        raise ModelError(f"MLflow model {uri}: loads as a {type(module).__name__}, not a PyTorch module")
     module = _Exported(module) if exported else module.eval()
     run_id = description.get("run_id")
     if not run_id:

@@ -5,6 +5,8 @@ Loss, speed and time left belong where the user is looking (the terminal, `ray j
 
 from __future__ import annotations
 
+import logging
+import sys
 import time
 from typing import Any
 
@@ -12,6 +14,24 @@ import torch
 
 from pipeline.progress import duration, eta
 from pipeline.training.validation import all_reduce_sum
+
+
+def say(line: str) -> None:
+    """One line on the worker's stdout, which Ray forwards to the driver's terminal. Not `print`: Ray Train patches
+    it on workers to log and echo, which shows each line twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def set_ray_train_log_level(level: str) -> None:
+    """Apply `run.ray_train_log_level` on a worker. Ray Train's LoggingConfig covers the `ray.train.*` loggers, but
+    the per-worker "Reporting training result ..." dump comes from a logger named after its file, which that filter
+    misses; its level is set here too (a private module: skipped if Ray moves it)."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(level)
 
 
 class EpochProgress:

@@ -21,7 +21,7 @@ from pipeline.tracking import TrainingLogger
 from pipeline.training.checkpointer import Checkpointer, LoopState
 from pipeline.training.job import TrainJob
 from pipeline.training.mixup import MixupCutmix
-from pipeline.training.progress import EpochProgress
+from pipeline.training.progress import EpochProgress, say, set_ray_train_log_level
 from pipeline.training.step import TrainStep
 from pipeline.training.validation import all_reduce_sum, validate
 
@@ -200,7 +200,7 @@ class WorkerLoop:
                 self.checkpointer.keep_best()
                 if self.logger is not None:
                     self.logger.log_best_classes(confusion.cpu().numpy(), self.job.labels, self.state.epoch + 1)
-            print(self.progress.epoch_line(self.state.epoch + 1, self.state.step, train, val), flush=True)
+            say(self.progress.epoch_line(self.state.epoch + 1, self.state.step, train, val))
         self.state.epoch += 1
         self.state.step_in_epoch = 0
         self.checkpointer.save(
@@ -216,9 +216,10 @@ class WorkerLoop:
         if self.logger is not None:
             model, best = unwrap(self.model), self.checkpointer.best_model
             self.logger.finish(self.state.pending, lambda: self.logger.log_models(model, best, self.job))
-            print(self.progress.summary(self.state), flush=True)
+            say(self.progress.summary(self.state))
 
 
 def train_loop_per_worker(job: TrainJob) -> None:
     """Ray Train entry point (one call per worker, and again on every restart of the worker group)."""
+    set_ray_train_log_level(job.config.run.ray_train_log_level)
     WorkerLoop(job).fit()
