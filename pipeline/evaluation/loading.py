@@ -139,6 +139,9 @@ def load_model(reference: ModelReference) -> LoadedModel:
         raise ModelSourceError(
             f"model source '{reference.source}' is not one of auto, native, {', '.join(FOREIGN_SOURCES)}"
         )
+    if path.is_dir() and not (path / checkpoints.STATE_FILE).is_file():
+        newest = checkpoints.latest_checkpoint(str(path.parent), path.name)  # a run folder: its newest checkpoint
+        path = newest or path
     try:
         state = (
             checkpoints.load_state(path) if path.is_dir() else torch.load(path, map_location="cpu", weights_only=True)
