@@ -29,6 +29,13 @@ from tests.videos import H264_BFRAMES_LONG_GOP, write_indexed_video
 
 pytestmark = pytest.mark.cluster
 RAY = str(Path(sys.executable).with_name("ray"))
+AGENT_PORTS = (
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "runtime-env-agent-port",
+    "metrics-export-port",
+    "ray-client-server-port",
+)
 EXCLUDES = json.dumps({"excludes": [".venv/", "data/", "runs/", "mlruns/", "mlflow.db", ".git/", "*.egg-info/"]})
 
 
@@ -49,20 +56,36 @@ def run(args: list[str], env: dict, timeout: int) -> subprocess.CompletedProcess
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
 
 
+def _of_cluster(process: psutil.Process, temp_dir: str) -> bool:
+    """Whether a process belongs to the cluster of `temp_dir`: named in its command line, inherited in its RAY_TMPDIR,
+    or open among its files (Ray renames some processes, e.g. `ray::DashboardAgent`, which hides the first)."""
+    try:
+        return (
+            temp_dir in " ".join(process.cmdline())
+            or process.environ().get("RAY_TMPDIR") == temp_dir
+            or any(temp_dir in file.path for file in process.open_files())
+        )
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+
+
 def stop_own_ray(temp_dir: Path) -> list[int]:
-    """End the processes of the cluster whose temp dir is `temp_dir`, and no other; returns their pids."""
-    own = []
-    for process in psutil.process_iter(["pid", "cmdline"]):
-        if str(temp_dir) in " ".join(process.info["cmdline"] or []) and process.pid != os.getpid():
-            own.append(process)
-    for process in own:
+    """End the processes of the cluster whose temp dir is `temp_dir` (and their children), and no other; returns
+    their pids."""
+    mine = {os.getpid(), *(parent.pid for parent in psutil.Process().parents())}
+    own = {process.pid: process for process in psutil.process_iter() if _of_cluster(process, str(temp_dir))}
+    for process in list(own.values()):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            own.update({child.pid: child for child in process.children(recursive=True)})
+    own = {pid: process for pid, process in own.items() if pid not in mine}
+    for process in own.values():
         with contextlib.suppress(psutil.NoSuchProcess):
             process.terminate()
-    _, alive = psutil.wait_procs(own, timeout=15)
+    _, alive = psutil.wait_procs(list(own.values()), timeout=20)
     for process in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             process.kill()
-    return [process.pid for process in own]
+    return sorted(own)
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +104,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
             "--num-cpus=4",
             f"--port={free_port()}",
             f"--dashboard-port={dashboard}",
+            # Ports of its own: Ray's defaults (e.g. the job agent's 52365) may be held by another Ray here, and
+            # then `ray job submit` answers "No available agent" forever.
+            *(f"--{name}={free_port()}" for name in AGENT_PORTS),
             "--dashboard-host=127.0.0.1",
             "--disable-usage-stats",
             '--resources={"decode": 2}',  # decoding is pinned to this node's "decode" resource

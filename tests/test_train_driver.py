@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
-from pipeline.config import load_config
+import mvit
+from pipeline.config import load_config, typed
 from pipeline.errors import ConfigError
-from pipeline.training.driver import run_training
+from pipeline.training.driver import announce_pretrained, run_training
 from pipeline.training.progress import EpochProgress
 
 
@@ -26,3 +28,16 @@ def test_an_epoch_line_says_where_training_is_and_how_long_is_left():
         "epoch 2/4  step 16  train loss 1.235  val top-1 0.625 top-5 1.000  12.3 clips/s  data wait 8%  "
         "elapsed 30s  ETA 30s"
     )
+
+
+def test_fine_tuning_a_head_of_another_size_is_said_once_on_the_driver(tmp_path, capsys):
+    torch.save(mvit.create_model("mvit_tiny", num_classes=5).state_dict(), tmp_path / "pretrained.pt")
+    settings = typed(load_config(overrides=[f"model.pretrained={tmp_path / 'pretrained.pt'}"])).model
+    announce_pretrained(settings, num_classes=8)
+    assert (
+        capsys.readouterr()
+        .out.strip()
+        .endswith("its head has 5 classes, this run 8; the head starts from random weights")
+    )
+    announce_pretrained(settings, num_classes=5)
+    assert capsys.readouterr().out == ""
