@@ -81,7 +81,7 @@ def stop_own_ray(temp_dir: Path) -> list[int]:
     for process in own.values():
         with contextlib.suppress(psutil.NoSuchProcess):
             process.terminate()
-    _, alive = psutil.wait_procs(list(own.values()), timeout=20)
+    _, alive = psutil.wait_procs(list(own.values()), timeout=10)
     for process in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             process.kill()

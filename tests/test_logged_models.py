@@ -68,9 +68,8 @@ def test_the_run_presents_a_training_experiment_with_described_models(trained, d
     top1 = {m.key: m.value for m in models["best_model"].metrics}["val/top1"]
     history = [m.value for m in client.get_metric_history(outcome.run_id, "val/top1")]
     assert top1 == max(history)
-    model_dir = mlflow.artifacts.download_artifacts(
-        f"runs:/{outcome.run_id}/best_model", tracking_uri=outcome.tracking_uri, dst_path=str(root / "download")
-    )
+    mlflow.set_tracking_uri(outcome.tracking_uri)  # runs:/ID/NAME resolves its logged model through it
+    model_dir = mlflow.artifacts.download_artifacts(f"runs:/{outcome.run_id}/best_model", dst_path=str(root / "dl"))
     card = yaml.safe_load((Path(model_dir) / "MLmodel").read_text())["metadata"][CARD_KEY]
     assert card["labels"] == read_label_map(demo.label_map)
     assert card["clip"] == {
