@@ -228,6 +228,7 @@ def test_a_checkpoint_path_that_does_not_exist_lists_those_that_do(tmp_path):
     _checkpoint(run / "checkpoint_2026-12-01_10-00-00.000001", list("ab"))
     with pytest.raises(ModelSourceError, match="checkpoints in .*mvit-demo: checkpoint_2026-12-01_10-00-00.000001"):
         load_model(ModelReference(str(run / "checkpoint_000015")))
+    assert load_model(ModelReference(str(run))).labels == ["a", "b"]  # a run folder: its newest checkpoint
 
 
 class _RunsACommand(torch.nn.Module):
