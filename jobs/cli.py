@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import load_config
+from pipeline.config import flatten, load_config
 from pipeline.errors import UserError
 
 
@@ -45,9 +46,22 @@ def parse_config(
     return config_or_exit(prog, args.config, args.overrides, evaluation)
 
 
-def overridden_keys(argv: Sequence[str]) -> set[str]:
-    """The keys a user set on the command line (they win over values a checkpoint carries)."""
-    return {item.split("=", 1)[0] for item in argv if "=" in item}
+def explicit_keys(argv: Sequence[str]) -> set[str]:
+    """The keys a user set, in a `--config` file or as `key=value`: they win over the values a checkpoint carries."""
+    keys = {item.split("=", 1)[0] for item in argv if "=" in item and not item.startswith("-")}
+    config_file = _config_file(argv)
+    if config_file is not None and Path(config_file).is_file():
+        keys |= set(flatten(OmegaConf.to_container(OmegaConf.load(config_file))))
+    return keys
+
+
+def _config_file(argv: Sequence[str]) -> str | None:
+    for position, item in enumerate(argv):
+        if item == "--config" and position + 1 < len(argv):
+            return argv[position + 1]
+        if item.startswith("--config="):
+            return item.split("=", 1)[1]
+    return None
 
 
 def print_config(cfg: DictConfig) -> None:

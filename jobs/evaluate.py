@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from jobs.cli import overridden_keys, parse_config, run_job
+from jobs.cli import explicit_keys, parse_config, run_job
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -22,7 +22,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def evaluate() -> int:
         connect(cfg.scaling.address, cfg.scaling.num_cpus)
-        report = run_evaluation(typed(cfg), overridden_keys(argv), Path.cwd())
+        report = run_evaluation(typed(cfg), explicit_keys(argv), Path.cwd())
         result = report.result
         print(f"model: {report.loaded.description}")
         print(f"views per video: {cfg.data.test_clips} clips x {cfg.data.test_crops} crops")

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from jobs.cli import config_or_exit, overridden_keys, run_job
+from jobs.cli import config_or_exit, explicit_keys, run_job
 from pipeline.config import typed
 from pipeline.data.transforms import Normalise
 from pipeline.data.video import VideoDecodeError
@@ -45,11 +45,11 @@ def _table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _score(videos: list[str], cfg: DictConfig, overrides: list[str]) -> tuple[str, list[dict[str, Any]]]:
+def _score(videos: list[str], cfg: DictConfig, explicit: set[str]) -> tuple[str, list[dict[str, Any]]]:
     """The model's description, and per video its top-k (label, probability) or the reason it was skipped."""
     settings_cfg = typed(cfg)
     loaded = load_model(model_reference(settings_cfg, Path.cwd()))
-    settings = clip_settings(settings_cfg, loaded, overridden_keys(overrides))
+    settings = clip_settings(settings_cfg, loaded, explicit)
     normalise = Normalise(settings.mean, settings.std)
     top_k = min(cfg.top_k, len(loaded.labels))
     results: list[dict[str, Any]] = []
@@ -79,7 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = config_or_exit("jobs.predict", args.config, overrides, evaluation=True)
 
     def predict() -> int:
-        description, results = _score(videos, cfg, overrides)
+        config_file = ["--config", args.config] if args.config else []
+        description, results = _score(videos, cfg, explicit_keys([*overrides, *config_file]))
         if args.json:
             shown = [
                 {**r, "top": [{"label": label, "probability": p} for label, p in r.get("top", [])]} for r in results

@@ -59,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     index.add_argument("--out", type=Path, required=True, help="index file to write (.parquet)")
     index.add_argument("--root", type=Path, help="where relative paths start (default: the manifest's folder)")
     index.add_argument("--allow-outside-root", action="store_true", help="accept paths that leave the root")
+    index.add_argument("--labels", type=Path, help="label map for class names (default: labels.txt beside it)")
     index.add_argument("--cpus-per-task", type=float, default=1.0, help="(default: 1)")
     index.add_argument("--concurrency", type=int, help="most probe tasks at once (default: as many as fit)")
     index.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else start a local Ray)")
@@ -86,7 +87,11 @@ def _parser() -> argparse.ArgumentParser:
     ssv2.set_defaults(command=_import, read=lambda a: import_ssv2(a.annotations, a.labels_json, suffix=a.suffix))
     folders = formats.add_parser("folders", help="one folder of videos per class")
     folders.add_argument("--root", type=Path, required=True, help="the folder holding the class folders")
-    folders.set_defaults(command=_import, read=lambda a: import_folders(a.root))
+    folders.add_argument("--labels", type=Path, help="class names, one a line (default: the folder names sorted)")
+    folders.set_defaults(
+        command=_import,
+        read=lambda a: import_folders(a.root, names=_names(a.labels), manifest_dir=a.out.parent),
+    )
     for command in (kinetics, pyslowfast, ssv2, folders):
         command.add_argument("--out", type=Path, required=True, help="manifest to write (.parquet or .csv)")
     return parser
@@ -126,15 +131,17 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _index(args: argparse.Namespace) -> int:
     from pipeline.cluster import connect
-    from pipeline.data.index import build_index
+    from pipeline.data.index import build_index, read_usable, require_usable
 
-    read_manifest(args.manifest, args.root, args.allow_outside_root)  # refuse a bad manifest before starting Ray
+    # refuse a bad manifest before starting Ray
+    read_manifest(args.manifest, args.root, args.allow_outside_root, args.labels)
     connect(args.address, None)
     summary = build_index(
         args.manifest,
         args.out,
         args.root,
         allow_outside_root=args.allow_outside_root,
+        labels=args.labels,
         cpus_per_task=args.cpus_per_task,
         concurrency=args.concurrency,
     )
@@ -143,6 +150,7 @@ def _index(args: argparse.Namespace) -> int:
     )
     for path, reason in summary.unusable:
         print(f"  left out {path}: {reason}")
+    require_usable(*read_usable(summary.path), str(args.manifest))
     return 0
 
 
@@ -185,6 +193,8 @@ def _import(args: argparse.Namespace) -> int:
     write_manifest(imported.table, args.out)
     write_label_map(imported.names, labels)
     print(f"wrote {imported.table.num_rows} videos of {len(imported.names)} classes to {args.out} and {labels}")
+    if imported.root is not None:
+        print(f"its paths start at {imported.root}: index it with --root {imported.root}, train with data.root=...")
     return 0
 
 

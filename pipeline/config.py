@@ -22,6 +22,7 @@ from pipeline.precision import PRECISIONS
 
 DEFAULT_CONFIG = CONF_DIR / "default.yaml"
 CROP_MODES = ("short_side_jitter", "inception")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 @dataclass
@@ -63,6 +64,7 @@ class DataConfig:
     root: str = MISSING
     labels: str = MISSING
     allow_outside_root: bool = MISSING
+    index_cache: str = MISSING  # folder of probed indexes, keyed by what was probed; "": ~/.cache/mvit-ray/index
     num_frames: int = MISSING
     sampling_rate: int = MISSING
     target_fps: float = MISSING
@@ -122,6 +124,7 @@ class RunConfig:
     name: str = MISSING
     storage_path: str = MISSING
     checkpoints_to_keep: int = MISSING
+    ray_train_log_level: str = MISSING  # Ray Train's own console lines; INFO shows every worker's report dumps
 
 
 @dataclass
@@ -131,6 +134,7 @@ class MlflowConfig:
     log_models: bool = MISSING
     registered_model_name: str | None = None
     system_metrics: bool = MISSING
+    retry_seconds: float = MISSING  # how long the end of a run waits for a store that does not answer
 
 
 @dataclass
@@ -161,6 +165,7 @@ class EvaluationJobConfig:
     model_source: str = MISSING  # auto | one of mvit.SOURCES
     model_name: str | None = None  # the preset, for checkpoints that don't name it
     labels: str = MISSING  # label map; "": the model's own
+    allow_pickle: bool = MISSING  # load pickle-format MLflow models (they run code when loaded): trusted ones only
     top_k: int = MISSING
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -219,7 +224,10 @@ def load_config(
 
 def _check_choices(cfg: DictConfig, evaluation: bool) -> None:
     """Values that the schema types can't express: choices and ranges."""
-    choices = {"data.augment.crop": (cfg.data.augment.crop, CROP_MODES)}
+    choices = {
+        "data.augment.crop": (cfg.data.augment.crop, CROP_MODES),
+        "run.ray_train_log_level": (cfg.run.ray_train_log_level, LOG_LEVELS),
+    }
     if evaluation:
         choices["model_source"] = (cfg.model_source, ("auto", *PRETRAINED_SOURCES))
         choices["evaluate.precision"] = (cfg.evaluate.precision, PRECISIONS)

@@ -35,3 +35,9 @@ class TrainingStopped(UserError, RuntimeError):
     """Training stopped itself to protect what it has written (e.g. too many non-finite steps in a row)."""
 
     exit_code = 5
+
+
+class TrackingError(UserError, RuntimeError):
+    """The run's MLflow record could not be completed (a store that stopped answering); checkpoints are intact."""
+
+    exit_code = 6

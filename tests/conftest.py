@@ -79,6 +79,7 @@ def _training_overrides(root: Path, train: Path | str, val: Path | str, *extra: 
         f"run.storage_path={root / 'runs'}",
         "run.name=test",
         f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}",
+        f"data.index_cache={root / 'index_cache'}",
         "mlflow.system_metrics=false",
         "train.batch_size=4",
         "train.log_every_steps=1",
@@ -99,12 +100,11 @@ def mlflow_uri(tmp_path: Path) -> str:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark the unit lane, and run the tests that start their own cluster with `ray start` first: `ray stop` ends
-    every Ray on the machine, so they must finish before this session's own local Ray starts."""
+    """Mark the unit lane. (Tests that `ray start` a cluster stop only their own processes, never with `ray stop`,
+    which would end every Ray on the machine: they may run in any order.)"""
     for item in items:
         if "ray_session" not in item.fixturenames and not any(item.get_closest_marker(m) for m in NOT_UNIT):
             item.add_marker(pytest.mark.unit)
-    items.sort(key=lambda item: item.get_closest_marker("cluster") is None)
 
 
 def pytest_configure(config: pytest.Config) -> None:

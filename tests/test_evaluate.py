@@ -4,8 +4,10 @@ and bad videos named and left out of the totals."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -15,12 +17,16 @@ from mlflow.tracking import MlflowClient
 
 import mvit
 from jobs import evaluate, predict
+from jobs.cli import explicit_keys
 from pipeline.checkpoints import save_state
+from pipeline.config import load_config, typed
 from pipeline.data import dataset
 from pipeline.data.manifest import read_label_map, read_manifest, write_manifest
 from pipeline.data.sampling import ClipSpec, uniform_clips
 from pipeline.data.transforms import EvalTransform
 from pipeline.data.video import FrameCrop, decode_clips, probe
+from pipeline.evaluation.loading import ModelReference, ModelSourceError, load_model
+from pipeline.evaluation.views import clip_settings
 from pipeline.tracking.evaluation import EVALUATES_TAG
 from tests.clips import decode_tasks, eval_transform
 from tests.videos import H264_BFRAMES_LONG_GOP, index_of, sequential_frames, write_indexed_video
@@ -195,3 +201,67 @@ def test_predict_names_a_missing_model_in_one_line(tmp_path, demo, capsys):
     assert predict.main([video, f"model={tmp_path / 'nowhere.pt'}"]) == 4
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and "nowhere.pt" in error
+
+
+def test_a_bare_state_dict_keeps_its_own_head_and_a_different_label_map_is_refused(tmp_path):
+    """No label map: the classes are the checkpoint's, not a guessed 400 whose head would be silently random."""
+    torch.manual_seed(0)
+    model = mvit.create_model("mvit_tiny", num_classes=8)
+    torch.save(model.state_dict(), tmp_path / "bare.pt")
+    loaded = load_model(ModelReference(str(tmp_path / "bare.pt"), model_name="mvit_tiny"))
+    assert loaded.labels == [str(i) for i in range(8)]
+    torch.testing.assert_close(loaded.module.head.weight, model.head.weight)
+    with pytest.raises(ModelSourceError, match="its head has 8 classes but the label map has 5 names"):
+        load_model(ModelReference(str(tmp_path / "bare.pt"), model_name="mvit_tiny", labels=list("abcde")))
+
+
+def test_clip_settings_from_a_config_file_win_over_the_checkpoints(tmp_path):
+    (tmp_path / "eval.yaml").write_text("data:\n  crop_size: 96\n")
+    explicit = explicit_keys(["--config", str(tmp_path / "eval.yaml"), "data.test_clips=2"])
+    assert {"data.crop_size", "data.test_clips"} <= explicit
+    cfg = typed(load_config(tmp_path / "eval.yaml", ["data.test_clips=2"], evaluation=True))
+    loaded = load_model(ModelReference(str(_checkpoint(tmp_path / "checkpoint", list("abcdefgh")))))
+    settings = clip_settings(cfg, loaded, explicit)
+    assert settings.crop_size == 96 and settings.num_frames == DATA["num_frames"]
+
+
+def test_a_checkpoint_path_that_does_not_exist_lists_those_that_do(tmp_path):
+    run = tmp_path / "runs" / "mvit-demo"
+    _checkpoint(run / "checkpoint_2026-12-01_10-00-00.000001", list("ab"))
+    with pytest.raises(ModelSourceError, match="checkpoints in .*mvit-demo: checkpoint_2026-12-01_10-00-00.000001"):
+        load_model(ModelReference(str(run / "checkpoint_000015")))
+    assert load_model(ModelReference(str(run))).labels == ["a", "b"]  # a run folder: its newest checkpoint
+
+
+class _RunsACommand(torch.nn.Module):
+    """A model whose pickle runs a shell command when it is loaded: what anyone with write access could register."""
+
+    def __init__(self, marker: str) -> None:
+        super().__init__()
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickled_registry_model_is_refused_before_it_runs_anything(tmp_path, demo, capsys, monkeypatch):
+    marker = tmp_path / "code_ran"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run():
+        mlflow.pytorch.log_model(
+            _RunsACommand(str(marker)),
+            name="model",
+            serialization_format="pickle",
+            pip_requirements=[],
+            registered_model_name="planted",
+        )
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")  # MLflow's own guard off: ours must hold
+    video = read_manifest(demo.val_manifest).column("path")[0].as_py()
+    assert predict.main([video, "model=models:/planted/1", f"mlflow.tracking_uri={uri}"]) == 4
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # (MLflow's own log lines of the setup come first)
+    assert error.startswith("jobs.predict: error: MLflow model models:/planted/1: stored as a pickle")
+    assert "allow_pickle=true" in error and not marker.exists()
+    # The planted model does run its command once the user opts in: the refusal above is what stopped it.
+    assert predict.main([video, "model=models:/planted/1", f"mlflow.tracking_uri={uri}", "allow_pickle=true"]) == 4
+    assert marker.exists()

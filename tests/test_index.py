@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,10 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.prepare import main
-from pipeline.data.index import build_index, info_from_row, info_to_row, read_usable
-from pipeline.data.manifest import write_manifest
+from pipeline.data.index import build_index, ensure_index, info_from_row, info_to_row, read_usable
+from pipeline.data.manifest import ManifestError, write_manifest
 from pipeline.data.video import probe
-from tests.videos import H264_BFRAMES_LONG_GOP, VP9_WEBM, write_bad_videos, write_indexed_video
+from tests.videos import H264_BFRAMES_LONG_GOP, VP9_WEBM, VideoSpec, write_bad_videos, write_indexed_video
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +82,53 @@ def test_the_cli_refuses_a_path_outside_the_root_in_one_line(tmp_path: Path, cap
     assert main(["index", "--manifest", str(tmp_path / "manifest.csv"), "--out", str(tmp_path / "i.parquet")]) == 3
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "row 2 path '/etc/hosts' is outside the root" in error
+
+
+def _probes(cache: Path) -> set[str]:
+    return {path.name for path in cache.glob("*.parquet")}
+
+
+def test_the_index_cache_is_keyed_by_what_was_probed(ray_session, tmp_path: Path) -> None:
+    """A manifest edited in place (and older than the cache) is probed again; other roots or label maps never
+    reuse another input's index; the same inputs do."""
+    first, second = (write_indexed_video(tmp_path / name, VideoSpec(num_frames=12)) for name in ("a.mp4", "b.mp4"))
+    (tmp_path / "labels.txt").write_text("cat\ndog\n")
+    manifest, cache = tmp_path / "train.csv", tmp_path / "cache"
+    manifest.write_text("path,label\na.mp4,cat\n")
+
+    def probed(root=None, labels=None) -> list[str]:
+        found = ensure_index(str(manifest), cache, root, False, labels, 1.0, None)
+        return pq.read_table(found).column("path").to_pylist()
+
+    assert probed() == [str(first)]
+    manifest.write_text("path,label\nb.mp4,dog\n")
+    os.utime(manifest, (0, 0))  # older than the cached index: an mtime check would trust the cache
+    assert probed() == [str(second)]
+    assert len(_probes(cache)) == 2
+    assert probed() == [str(second)] and len(_probes(cache)) == 2  # the same inputs: the cached index
+    (tmp_path / "swapped.txt").write_text("dog\ncat\n")
+    assert probed(labels=str(tmp_path / "swapped.txt")) == [str(second)] and len(_probes(cache)) == 3
+    assert probed(root=str(tmp_path)) == [str(second)] and len(_probes(cache)) == 4
+
+
+def test_an_index_is_held_to_the_root_like_a_manifest(tmp_path: Path) -> None:
+    outside = tmp_path / "elsewhere" / "v.mp4"
+    index = tmp_path / "data" / "train_index.parquet"
+    index.parent.mkdir()
+    pq.write_table(pa.table({"path": [str(outside)], "label": [0], "status": ["ok"]}), index)
+    with pytest.raises(ManifestError, match="row 1 path .* is outside the root"):
+        ensure_index(str(index), tmp_path / "cache", None, False, None, 1.0, None)
+    with pytest.raises(ManifestError, match="outside the root"):
+        ensure_index(str(index), tmp_path / "cache", str(tmp_path / "data"), False, None, 1.0, None)
+    assert ensure_index(str(index), tmp_path / "cache", None, True, None, 1.0, None) == str(index)
+    assert ensure_index(str(index), tmp_path / "cache", str(tmp_path), False, None, 1.0, None) == str(index)
+
+
+def test_an_index_of_nothing_usable_is_an_error_naming_the_reasons(ray_session, tmp_path: Path, capsys) -> None:
+    (tmp_path / "manifest.csv").write_text("path,label\ngone.mp4,0\nnot_a_video.mp4,0\n")
+    (tmp_path / "not_a_video.mp4").write_text("hello")
+    out = tmp_path / "index.parquet"
+    assert main(["index", "--manifest", str(tmp_path / "manifest.csv"), "--out", str(out)]) == 3
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "none of its 2 videos is usable" in error
+    assert "gone.mp4" in error and "not_a_video.mp4" in error and out.is_file()

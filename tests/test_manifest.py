@@ -112,3 +112,17 @@ def test_text_labels_may_mix_names_and_indices(tmp_path: Path) -> None:
     manifest = _write(tmp_path / "m.csv", "path,label\nv.mp4,1\nw.mp4,cat\n")
     write_label_map(["cat", "dog"], tmp_path / "labels.txt")
     assert read_manifest(manifest).column("label").to_pylist() == [1, 0]
+
+
+def test_the_run_label_map_resolves_the_names_not_the_one_beside_the_manifest(tmp_path: Path) -> None:
+    manifest = _write(tmp_path / "m.csv", "path,label\nv.mp4,cat\nw.mp4,dog\n")
+    write_label_map(["cat", "dog"], label_map_path(manifest))
+    run_labels = tmp_path / "run" / "labels.txt"
+    write_label_map(["dog", "cat", "cow"], run_labels)
+    assert read_manifest(manifest).column("label").to_pylist() == [0, 1]
+    assert read_manifest(manifest, labels=run_labels).column("label").to_pylist() == [1, 0]
+    write_label_map(["dog"], run_labels)
+    with pytest.raises(ManifestError, match=rf"row 1 has unknown label 'cat' \(not in the label map {run_labels}\)"):
+        read_manifest(manifest, labels=run_labels)
+    with pytest.raises(ManifestError, match="label map not found"):
+        read_manifest(manifest, labels=tmp_path / "absent.txt")

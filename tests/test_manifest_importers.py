@@ -66,7 +66,7 @@ def test_folders_are_classes_in_sorted_order(tmp_path: Path) -> None:
     for relative in ["walk/2.mp4", "walk/1.avi", "run/x.webm", "run/notes.txt", ".hidden/y.mp4"]:
         (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / relative).write_bytes(b"")
-    imported = import_folders(tmp_path)
+    imported = import_folders(tmp_path, manifest_dir=tmp_path)
     assert imported.names == ["run", "walk"]
     assert imported.table.column("path").to_pylist() == ["run/x.webm", "walk/1.avi", "walk/2.mp4"]
     assert imported.table.column("label").to_pylist() == [0, 1, 1]
@@ -87,3 +87,22 @@ def test_the_cli_writes_a_manifest_and_label_map_and_fails_in_one_line(
     assert main(["import", "pyslowfast", "--list", str(tmp_path / "missing.txt"), "--out", str(out)]) == 3
     errors = capsys.readouterr().err.splitlines()
     assert len(errors) == 2 and "different class names" in errors[0] and errors[1].startswith("jobs.prepare: error:")
+
+
+def test_imported_folders_resolve_as_the_reader_resolves_and_keep_the_train_numbering(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The README's `import folders --root my_videos/train --out train.parquet`: the written paths resolve from
+    the manifest's folder, and `--labels` numbers a val split that lacks a class the way train numbers it."""
+    for relative in ["my_videos/train/run/1.mp4", "my_videos/train/walk/2.mp4", "my_videos/val/walk/3.mp4"]:
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_bytes(b"")
+    train = tmp_path / "train.parquet"
+    assert main(["import", "folders", "--root", str(tmp_path / "my_videos/train"), "--out", str(train)]) == 0
+    paths = read_manifest(train).column("path").to_pylist()
+    assert paths == [str(tmp_path / "my_videos/train/run/1.mp4"), str(tmp_path / "my_videos/train/walk/2.mp4")]
+    val = tmp_path / "val" / "val.parquet"
+    labels = ["--labels", str(tmp_path / "labels.txt")]
+    assert main(["import", "folders", "--root", str(tmp_path / "my_videos/val"), "--out", str(val), *labels]) == 0
+    assert "its paths start at" in capsys.readouterr().out  # the videos are not under the manifest's folder
+    assert read_manifest(val, root=tmp_path / "my_videos/val").column("label").to_pylist() == [1]

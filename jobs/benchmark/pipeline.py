@@ -10,6 +10,7 @@ into one epoch of training clips twice, alternating, in one run with Ray up:
   process (CPU seconds of this process), and the same with fused resizing off (`loop-unfused`).
 The ratio ray / loop is what Ray Data costs on top of the work; clips per CPU-second is the budget unit: a GPU that
 trains at G clips/s needs G × (CPU s per clip) cores.
+On a cluster (RAY_ADDRESS, `ray start`) the CPUs are the cluster's own: `--cpus` then only divides the figures.
 """
 
 from __future__ import annotations
@@ -46,10 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import ray
 
+    from pipeline.cluster import connect
     from pipeline.config import load_config, typed
 
     paths = args.videos or [DEFAULT_VIDEOS / name for name in DEFAULT_FILES]
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    connect(None, args.cpus, log_to_driver=False)  # under `ray job submit` or `ray start`: that cluster
     cfg = typed(load_config(args.config, args.set))
     results = []
     for path in paths:

@@ -24,6 +24,7 @@ class Imported:
 
     table: pa.Table
     names: list[str]
+    root: Path | None = None  # where the paths start, when the reader must be told (`data.root`, `--root`)
 
 
 def import_kinetics(csv_path: str | os.PathLike, *, names: list[str] | None = None, suffix: str = ".mp4") -> Imported:
@@ -99,21 +100,43 @@ def import_ssv2(
     return Imported(_table(paths, labels), names)
 
 
-def import_folders(root: str | os.PathLike) -> Imported:
-    """One folder per class under `root`, its videos directly inside; classes in sorted folder-name order."""
+def import_folders(
+    root: str | os.PathLike, *, names: list[str] | None = None, manifest_dir: str | os.PathLike | None = None
+) -> Imported:
+    """One folder per class under `root`, its videos directly inside.
+
+    Classes are the sorted folder names, or `names` (a label map), so that a val split missing a class keeps the
+    train split's numbering; a folder not in `names` is an error. Paths are written relative to `manifest_dir`
+    (the folder of the manifest, where the reader starts by default) when the videos are inside it, else relative
+    to `root` (then the reader needs `data.root`/`--root`: `Imported.root` says which).
+    """
     root = Path(root)
     if not root.is_dir():
         raise ManifestError(f"{root}: not a folder")
-    names = sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+    folders = sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+    names = names or folders
+    index_of = _index_of(names)
+    base, needs_root = _base(root, manifest_dir)
     paths, labels = [], []
-    for label, name in enumerate(names):
+    for name in folders:
+        label = _lookup(index_of, name, f"{root}: class folder {name!r}")
         for video in sorted((root / name).iterdir()):
             if video.is_file() and video.suffix.lower() in VIDEO_SUFFIXES:
-                paths.append(f"{name}/{video.name}")
+                paths.append(os.path.relpath(video.resolve(), base))
                 labels.append(label)
     if not paths:
         raise ManifestError(f"{root}: no videos ({', '.join(VIDEO_SUFFIXES)}) in class folders")
-    return Imported(_table(paths, labels), names)
+    return Imported(_table(paths, labels), names, base if needs_root else None)
+
+
+def _base(root: Path, manifest_dir: str | os.PathLike | None) -> tuple[Path, bool]:
+    """The folder paths start from, and whether the reader must be told (it isn't the manifest's folder)."""
+    root = root.resolve()
+    if manifest_dir is not None:
+        folder = Path(manifest_dir).resolve()
+        if root == folder or folder in root.parents:
+            return folder, False
+    return root, True
 
 
 def _table(paths: list[str], labels: list[int]) -> pa.Table:

@@ -9,6 +9,8 @@ with; an index of another format is refused rather than read wrongly (probe the 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -21,9 +23,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from pipeline.data.manifest import read_manifest
+from pipeline.data.manifest import read_manifest, resolve_paths
 from pipeline.data.video import VideoDecodeError, VideoInfo, probe
 from pipeline.errors import DataError
+from pipeline.progress import Progress
 
 OK = "ok"
 # The version of what `probe` measures and how a row stores it. Bump it whenever a probe would write a row that an
@@ -67,12 +70,17 @@ def build_index(
     root: str | os.PathLike | None = None,
     *,
     allow_outside_root: bool = False,
+    labels: str | os.PathLike | None = None,
     cpus_per_task: float = 1.0,
     concurrency: int | None = None,
     videos_per_task: int = 32,
 ) -> IndexSummary:
-    """Probe every video of the manifest on the Ray cluster and write the index to `out_path` (Parquet)."""
-    manifest = read_manifest(manifest_path, root, allow_outside_root)
+    """Probe every video of the manifest on the Ray cluster and write the index to `out_path` (Parquet).
+
+    Class names resolve against the label map `labels` (default: the one beside the manifest). The file is
+    written under a temporary name and renamed, so a crash never leaves a partial index that reads as whole.
+    """
+    manifest = read_manifest(manifest_path, root, allow_outside_root, labels)
     numbered = manifest.append_column("row", pa.array(range(manifest.num_rows), pa.int64()))
     blocks = math.ceil(manifest.num_rows / videos_per_task)
     probed = ray.data.from_arrow(numbered, override_num_blocks=blocks).map_batches(
@@ -82,11 +90,17 @@ def build_index(
         compute=ray.data.TaskPoolStrategy(size=concurrency),
         num_cpus=cpus_per_task,
     )
-    tables = ray.get(probed.to_arrow_refs())
+    progress = Progress(f"probing {manifest_path}", manifest.num_rows, "videos")
+    tables = []
+    for table in probed.iter_batches(batch_size=None, batch_format="pyarrow"):
+        tables.append(table)
+        progress.advance(table.num_rows)
     index = pa.concat_tables(tables).sort_by("row").drop_columns(["row"])
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(index, out_path)
+    partial = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
+    pq.write_table(index, partial)
+    os.replace(partial, out_path)
     unusable = _unusable(index)
     return IndexSummary(path=out_path, total=index.num_rows, usable=index.num_rows - len(unusable), unusable=unusable)
 
@@ -96,29 +110,75 @@ def is_index(path: str) -> bool:
     return path.endswith((".parquet", ".pq")) and "status" in pq.read_schema(path).names
 
 
+def default_cache_dir() -> Path:
+    """Where probed indexes are kept when `data.index_cache` is unset: `$XDG_CACHE_HOME/mvit-ray/index`, else
+    `~/.cache/mvit-ray/index`. Local to the driver: only the driver reads an index."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "mvit-ray" / "index"
+
+
+def cache_key(source: str, root: str | None, allow_outside_root: bool, labels: str | None) -> str:
+    """A digest of everything a probe of `source` depends on: the manifest (path, size, content), the root, the
+    root policy, the label map (content) and the probe's format. Equal keys mean the same index, so a cached index
+    is never reused for other inputs, and a manifest edited in place is probed again."""
+    facts = {
+        "format": PROBE_FORMAT,
+        "manifest": os.path.abspath(source),
+        "size": os.path.getsize(source),
+        "sha256": _file_digest(source),
+        "root": os.path.abspath(root) if root else None,
+        "allow_outside_root": allow_outside_root,
+        "labels": _file_digest(labels) if labels else None,
+    }
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:24]
+
+
 def ensure_index(
     source: str,
-    cached: Path,
+    cache_dir: Path,
     root: str | None,
     allow_outside_root: bool,
+    labels: str | None,
     cpus_per_task: float,
     concurrency: int | None,
 ) -> str:
-    """The index of `source`: itself if already probed, else a probe of the manifest, cached until it changes."""
+    """The index of `source`: itself if already probed (its paths held to the root like a manifest's), else the
+    cached probe of exactly these inputs (see `cache_key`), probing the manifest if there is none yet."""
     if is_index(source):
+        resolve_paths(
+            pq.read_table(source, columns=["path"]).column("path").to_pylist(),
+            root or Path(source).parent,
+            allow_outside_root,
+            source,
+        )
         return source
-    if cached.is_file() and cached.stat().st_mtime >= Path(source).stat().st_mtime:
+    labels = labels if labels else None
+    cached = Path(cache_dir) / f"{Path(source).stem}-{cache_key(source, root, allow_outside_root, labels)}.parquet"
+    if cached.is_file():
+        print(f"index of {source}: {cached} (cached)", flush=True)
         return str(cached)
     summary = build_index(
         source,
         cached,
         root,
         allow_outside_root=allow_outside_root,
+        labels=labels,
         cpus_per_task=cpus_per_task,
         concurrency=concurrency,
     )
-    print(f"probed {source}: {summary.usable} of {summary.total} videos usable")
+    print(f"probed {source}: {summary.usable} of {summary.total} videos usable, index {cached}", flush=True)
     return str(summary.path)
+
+
+def require_usable(usable: pa.Table, unusable: list[tuple[str, str]], source: str, shown: int = 3) -> None:
+    """A manifest or index of which no video can be used is an error naming the first reasons."""
+    if usable.num_rows:
+        return
+    if not unusable:
+        raise DataError(f"{source}: no videos")
+    reasons = "; ".join(f"{path}: {reason}" for path, reason in unusable[:shown])
+    more = f" (and {len(unusable) - shown} more)" if len(unusable) > shown else ""
+    raise DataError(f"{source}: none of its {len(unusable)} videos is usable: {reasons}{more}")
 
 
 def read_usable(index: str | os.PathLike | pa.Table) -> tuple[pa.Table, list[tuple[str, str]]]:
@@ -205,3 +265,11 @@ def _compact_pts(pts: tuple[int, ...]) -> tuple[int, int, list[int]]:
 
 def _unusable(table: pa.Table) -> list[tuple[str, str]]:
     return [(row["path"], row["status"]) for row in table.select(["path", "status"]).to_pylist() if row["status"] != OK]
+
+
+def _file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,9 +1,11 @@
 """Manifests: a Parquet or CSV table of `path,label` (optionally `start_sec,end_sec`), and the label map beside it.
 
-The label map is `labels.txt` in the manifest's folder: one class name a line, the index is the line number. Labels
-in a manifest are indices, or names looked up in the label map. Relative paths resolve against a root (by default
-the manifest's folder); a path that leaves the root is refused unless explicitly allowed, so a manifest can't
-quietly read files elsewhere. Whether the files exist and decode is the index's business, not the manifest's.
+The label map is one class name a line, the index being the line number: the one the run names (`data.labels`), or
+else `labels.txt` in the manifest's folder. Labels in a manifest are indices, or names looked up in that label map,
+so the names a run checks its counts against are the names its labels were resolved with. Relative paths resolve
+against a root (by default the manifest's folder); a path that leaves the root is refused unless explicitly
+allowed, so a manifest can't quietly read files elsewhere. Whether the files exist and decode is the index's
+business, not the manifest's.
 """
 
 from __future__ import annotations
@@ -64,12 +66,16 @@ def write_manifest(table: pa.Table, path: str | os.PathLike) -> None:
 
 
 def read_manifest(
-    path: str | os.PathLike, root: str | os.PathLike | None = None, allow_outside_root: bool = False
+    path: str | os.PathLike,
+    root: str | os.PathLike | None = None,
+    allow_outside_root: bool = False,
+    labels: str | os.PathLike | None = None,
 ) -> pa.Table:
     """The manifest with absolute, normalised paths and integer labels.
 
     Columns: path (string), label (int64), and start_sec, end_sec (float64, null = the video's start or end) when
-    the file has them.
+    the file has them. Class names resolve against the label map `labels` (default: `labels.txt` beside the
+    manifest, if there is one).
     """
     path = Path(path)
     table = _read_table(path)
@@ -84,8 +90,8 @@ def read_manifest(
         raise ManifestError(f"{path}: the manifest is empty")
     base = Path(root) if root is not None else path.parent
     columns = {
-        "path": pa.array(_resolve_paths(table.column("path"), base, allow_outside_root, path), pa.string()),
-        "label": _labels(table.column("label"), path),
+        "path": pa.array(resolve_paths(table.column("path").to_pylist(), base, allow_outside_root, path), pa.string()),
+        "label": _labels(table.column("label"), path, Path(labels) if labels else None),
     }
     for name in OPTIONAL_COLUMNS:
         if name in table.column_names:
@@ -120,24 +126,28 @@ def _read_table(path: Path) -> pa.Table:
         raise ManifestError(f"{path}: unreadable {kind}: {str(error).splitlines()[0]}") from None
 
 
-def _resolve_paths(column: pa.ChunkedArray, base: Path, allow_outside_root: bool, manifest: Path) -> list[str]:
+def resolve_paths(
+    values: list[str | None], base: str | os.PathLike, allow_outside_root: bool, source: str | os.PathLike
+) -> list[str]:
+    """Paths of a manifest or index made absolute against `base`; one outside it is refused unless allowed, so
+    neither a manifest nor an already-probed index can quietly read files elsewhere."""
     root = os.path.abspath(base)
     resolved = []
-    for row, value in enumerate(column.to_pylist(), start=1):
+    for row, value in enumerate(values, start=1):
         if value is None or not str(value).strip():
-            raise ManifestError(f"{manifest}: row {row} has no path")
+            raise ManifestError(f"{source}: row {row} has no path")
         absolute = os.path.normpath(os.path.join(root, value))
         if not allow_outside_root and os.path.commonpath([root, absolute]) != root:
-            raise ManifestError(f"{manifest}: row {row} path {value!r} is outside the root {root}")
+            raise ManifestError(f"{source}: row {row} path {value!r} is outside the root {root}")
         resolved.append(absolute)
     return resolved
 
 
-def _labels(column: pa.ChunkedArray, manifest: Path) -> pa.Array:
-    """Integer labels, checked against the label map when there is one. A text label is a class name from the
-    label map, or else an index written as digits."""
-    names_path = label_map_path(manifest)
-    names = read_label_map(names_path) if names_path.is_file() else None
+def _labels(column: pa.ChunkedArray, manifest: Path, given: Path | None) -> pa.Array:
+    """Integer labels, checked against the label map: `given` (which must exist), else the one beside the manifest
+    when there is one. A text label is a class name from the label map, or else an index written as digits."""
+    names_path = given or label_map_path(manifest)
+    names = read_label_map(names_path) if given or names_path.is_file() else None
     if column.null_count:
         raise ManifestError(f"{manifest}: row {column.to_pylist().index(None) + 1} has no label")
     if not (pa.types.is_integer(column.type) or pa.types.is_string(column.type)):
@@ -151,7 +161,8 @@ def _labels(column: pa.ChunkedArray, manifest: Path) -> pa.Array:
         if label is None and names is None:
             raise ManifestError(f"{manifest}: row {row} label {value!r} is a class name but there is no {names_path}")
         if label is None or label < 0 or (names is not None and label >= len(names)):
-            raise ManifestError(f"{manifest}: row {row} has unknown label {value!r}")
+            known = f"not in the label map {names_path}" if names is not None else "negative"
+            raise ManifestError(f"{manifest}: row {row} has unknown label {value!r} ({known})")
         labels.append(label)
     return pa.array(labels, pa.int64())
 

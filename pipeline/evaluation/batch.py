@@ -3,18 +3,20 @@ and the driver averages the softmax scores of each video's views, as the paper's
 
 from __future__ import annotations
 
-import tempfile
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import ray
 import torch
 
 from pipeline.config import EvaluationJobConfig
 from pipeline.data.dataset import DecodeTasks, test_dataset
-from pipeline.data.index import ensure_index, read_usable
+from pipeline.data.index import default_cache_dir, ensure_index, read_usable, require_usable
+from pipeline.data.manifest import label_map_path, read_label_map
 from pipeline.data.skips import skip_counter
 from pipeline.data.transforms import Normalise
 from pipeline.errors import DataError
@@ -22,6 +24,7 @@ from pipeline.evaluation.loading import LoadedModel, ModelReference, load_model
 from pipeline.evaluation.metrics import EvaluationResult, average_views, summarise
 from pipeline.evaluation.views import ClipSettings, clip_settings, model_reference
 from pipeline.precision import autocast, resolve_precision
+from pipeline.progress import Progress
 from pipeline.tracking.evaluation import log_evaluation
 
 
@@ -67,9 +70,16 @@ def score_views(
         num_cpus=evaluate.cpus_per_replica,
     )
     num_classes = len(loaded.labels)
-    video_ids, labels, scores = average_views(scored.iter_batches(batch_size=None, batch_format="numpy"), num_classes)
+    progress = Progress("evaluating", len(video_paths) * cfg.data.test_clips * cfg.data.test_crops, "views")
+    video_ids, labels, scores = average_views(_counted(scored, progress), num_classes)
     paths = [video_paths[i] for i in video_ids]
     return summarise(paths, labels, scores, num_classes)
+
+
+def _counted(scored: ray.data.Dataset, progress: Progress) -> Iterator[dict[str, np.ndarray]]:
+    for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
+        progress.advance(len(batch["video_id"]))
+        yield batch
 
 
 @dataclass
@@ -90,16 +100,23 @@ def run_evaluation(cfg: EvaluationJobConfig, explicit: set[str], base: Path) -> 
     settings = clip_settings(cfg, loaded, explicit)
     if not cfg.data.test:
         raise DataError("data.test is not set (a manifest or an index of the videos to evaluate)")
-    test_source = str((base / cfg.data.test).resolve())
-    cached = Path(tempfile.mkdtemp(prefix="mvit-eval-")) / "test_index.parquet"
-    root = str((base / cfg.data.root).resolve()) if cfg.data.root else None
     data = cfg.data
+    test_source = str((base / data.test).resolve())
+    labels_path = _label_map(cfg, base, test_source, loaded)
     source = ensure_index(
-        test_source, cached, root, data.allow_outside_root, data.cpus_per_task, data.decode_concurrency
+        test_source,
+        (base / data.index_cache).resolve() if data.index_cache else default_cache_dir(),
+        str((base / data.root).resolve()) if data.root else None,
+        data.allow_outside_root,
+        labels_path,
+        data.cpus_per_task,
+        data.decode_concurrency,
     )
     usable, excluded = read_usable(source)
-    if usable.num_rows == 0:
-        raise DataError(f"data.test {test_source}: no usable videos ({len(excluded)} unusable)")
+    require_usable(usable, excluded, f"data.test {test_source}")
+    past = pc.max(usable.column("label")).as_py()
+    if past >= len(loaded.labels):
+        raise DataError(f"data.test {test_source}: label {past} is past the model's {len(loaded.labels)} classes")
     tasks = DecodeTasks(
         cpus=data.cpus_per_task,
         concurrency=data.decode_concurrency,
@@ -118,3 +135,24 @@ def run_evaluation(cfg: EvaluationJobConfig, explicit: set[str], base: Path) -> 
     skipped = ray.get(skip_counter(tasks.skip_counter).reasons.remote())
     run_id = log_evaluation(cfg, reference, loaded, result, excluded, skipped)
     return EvaluationReport(result, excluded, skipped, loaded, run_id)
+
+
+def _label_map(cfg: EvaluationJobConfig, base: Path, test_source: str, loaded: LoadedModel) -> str | None:
+    """The label map that resolves the test manifest's class names: `labels`, else `data.labels`, else the one
+    beside the manifest. It must name the model's classes, or the figures would compare different classes."""
+    given = cfg.labels or cfg.data.labels
+    path = (base / given).resolve() if given else label_map_path(test_source)
+    if not path.is_file():
+        return None
+    names = read_label_map(path)
+    if len(names) != len(loaded.labels) or (names != loaded.labels and not _numbered(loaded.labels)):
+        raise DataError(
+            f"label map {path} ({len(names)} names) is not the model's ({len(loaded.labels)} classes"
+            f"{', other names' if len(names) == len(loaded.labels) else ''}); pass labels=PATH to name its classes"
+        )
+    return str(path)
+
+
+def _numbered(labels: list[str]) -> bool:
+    """Labels that are only class numbers: a model that carried no names."""
+    return labels == [str(i) for i in range(len(labels))]

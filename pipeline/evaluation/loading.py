@@ -31,6 +31,7 @@ class ModelReference:
     model_name: str | None = None  # the preset, for checkpoints that don't name it
     labels: list[str] | None = None  # class names that replace the model's own
     tracking_uri: str | None = None  # where runs:/ and models:/ URIs are looked up
+    allow_pickle: bool = False  # load pickle-format MLflow models, which run code when loaded
 
 
 @dataclass
@@ -45,13 +46,36 @@ class LoadedModel:
     data: dict[str, Any] = field(default_factory=dict)  # the training config's data section, when known
 
 
-def _build(model_name: str, path: Path, source: str, **overrides: Any) -> mvit.MViT:
-    """A preset with the weights of `path` loaded; mvit's ValueErrors become one-line model errors naming the file."""
+def _checkpoint_head(checkpoint: Any, source: str, model_name: str, name: str) -> int:
+    """The number of classes of a checkpoint's head: the network is built with the checkpoint's own head, never a
+    guessed one that loading would silently re-initialise."""
     try:
-        model = mvit.create_model(model_name, **overrides)
-        return mvit.load_pretrained(model, path, source=source)
+        state = mvit.convert_state_dict(checkpoint, source, mvit.create_model(model_name))
     except ValueError as error:
-        raise ModelSourceError(str(error).splitlines()[0]) from None
+        raise ModelSourceError(f"model {name}: {str(error).splitlines()[0]}") from None
+    head = state.get("head.weight")
+    if head is None:
+        raise ModelSourceError(f"model {name}: the checkpoint has no classifier head (head.weight)")
+    return int(head.shape[0])
+
+
+def _build(path: Path, reference: ModelReference, source: str) -> mvit.MViT:
+    """The preset with the checkpoint's weights, its head included; mvit's ValueErrors become one-line errors."""
+    name = reference.reference
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ModelSourceError(f"model {name}: {str(error).splitlines()[0]}") from None
+    num_classes = _checkpoint_head(checkpoint, source, reference.model_name, name)
+    if reference.labels and len(reference.labels) != num_classes:
+        raise ModelSourceError(
+            f"model {name}: its head has {num_classes} classes but the label map has {len(reference.labels)} names"
+        )
+    try:
+        model = mvit.create_model(reference.model_name, num_classes=num_classes)
+        return mvit.load_weights(model, checkpoint, source)
+    except ValueError as error:
+        raise ModelSourceError(f"model {name}: {str(error).splitlines()[0]}") from None
 
 
 def _labels_or_numbers(labels: Sequence[str] | None, num_classes: int) -> list[str]:
@@ -69,7 +93,7 @@ def _from_training_state(state: dict[str, Any], description: str, labels: Sequen
     if "pool_norm_eps" in state:  # checkpoints before this field were all trained at the preset's eps
         model.set_pool_norm_eps(state["pool_norm_eps"])
     model.load_state_dict(state["model"])
-    names = list(labels or state.get("labels") or _labels_or_numbers(None, state["num_classes"]))
+    names = _labels_or_numbers(labels or state.get("labels"), state["num_classes"])
     data = dict(state.get("config", {}).get("data", {}))
     return LoadedModel(model.eval(), names, tuple(state["input_size"]), description, state.get("mlflow_run_id"), data)
 
@@ -77,22 +101,31 @@ def _from_training_state(state: dict[str, Any], description: str, labels: Sequen
 def _from_mlflow(reference: ModelReference) -> LoadedModel:
     from pipeline.tracking.models import load_logged_model
 
-    logged = load_logged_model(reference.reference, reference.tracking_uri)
-    data = logged.data
-    input_size = (data["num_frames"], data["crop_size"], data["crop_size"])
-    names = list(reference.labels or logged.labels)
-    return LoadedModel(logged.module.eval(), names, input_size, reference.reference, logged.run_id, data)
+    logged = load_logged_model(reference.reference, reference.tracking_uri, reference.allow_pickle)
+    names = _labels_or_numbers(reference.labels, len(logged.labels)) if reference.labels else logged.labels
+    return LoadedModel(logged.module, names, logged.input_size, reference.reference, logged.run_id, logged.data)
 
 
-def _from_foreign(path: Path, reference: ModelReference) -> LoadedModel:
+def _from_weights(path: Path, reference: ModelReference, source: str) -> LoadedModel:
+    """A foreign checkpoint or a bare state dict: the preset `model_name` with the checkpoint's own head."""
     if not reference.model_name:
         raise ModelSourceError(
-            f"model {reference.reference}: a {reference.source} checkpoint needs model_name (e.g. mvit_b_16x4)"
+            f"model {reference.reference}: a {'bare state dict' if source == 'native' else source + ' checkpoint'} "
+            "needs model_name (e.g. model_name=mvit_b_16x4) to build the network"
         )
-    num_classes = len(reference.labels) if reference.labels else 400
-    model = _build(reference.model_name, path, reference.source, num_classes=num_classes)
-    labels = _labels_or_numbers(reference.labels, num_classes)
+    model = _build(path, reference, source)
+    labels = _labels_or_numbers(reference.labels, model.num_classes)
     return LoadedModel(model.eval(), labels, tuple(model.input_size), reference.reference)
+
+
+def _checkpoints_near(path: Path) -> str:
+    """The checkpoints that do exist where `path` points (Ray names them by time, so a guessed name misses)."""
+    for folder in (path.parent, path):
+        found = sorted(p.name for p in folder.glob("checkpoint_*") if p.is_dir()) if folder.is_dir() else []
+        if found:
+            shown = ", ".join(found[-5:])
+            return f"; checkpoints in {folder}: {shown}{' (newest last)' if len(found) > 1 else ''}"
+    return ""
 
 
 def load_model(reference: ModelReference) -> LoadedModel:
@@ -101,13 +134,16 @@ def load_model(reference: ModelReference) -> LoadedModel:
         return _from_mlflow(reference)
     path = Path(reference.reference)
     if not path.exists():
-        raise ModelSourceError(f"model {reference.reference}: no such file or folder")
+        raise ModelSourceError(f"model {reference.reference}: no such file or folder{_checkpoints_near(path)}")
     if reference.source in FOREIGN_SOURCES:
-        return _from_foreign(path, reference)
+        return _from_weights(path, reference, reference.source)
     if reference.source not in ("auto", "native"):
         raise ModelSourceError(
             f"model source '{reference.source}' is not one of auto, native, {', '.join(FOREIGN_SOURCES)}"
         )
+    if path.is_dir() and not (path / checkpoints.STATE_FILE).is_file():
+        newest = checkpoints.latest_checkpoint(str(path.parent), path.name)  # a run folder: its newest checkpoint
+        path = newest or path
     try:
         state = (
             checkpoints.load_state(path) if path.is_dir() else torch.load(path, map_location="cpu", weights_only=True)
@@ -116,9 +152,4 @@ def load_model(reference: ModelReference) -> LoadedModel:
         raise ModelSourceError(f"model {reference.reference}: {str(error).splitlines()[0]}") from None
     if isinstance(state, dict) and "model_name" in state:
         return _from_training_state(state, reference.reference, reference.labels)
-    if not reference.model_name:
-        raise ModelSourceError(f"model {reference.reference}: a bare state dict needs model_name to build the network")
-    num_classes = len(reference.labels) if reference.labels else None
-    model = _build(reference.model_name, path, "native", num_classes=num_classes)
-    labels = _labels_or_numbers(reference.labels, model.num_classes)
-    return LoadedModel(model.eval(), labels, tuple(model.input_size), reference.reference)
+    return _from_weights(path, reference, "native")

@@ -38,6 +38,7 @@ def model_reference(cfg: EvaluationJobConfig, base: Path) -> ModelReference:
         model_name=cfg.model_name,
         labels=read_label_map((base / cfg.labels).resolve()) if cfg.labels else None,
         tracking_uri=resolve_tracking_uri(cfg.mlflow.tracking_uri, base),
+        allow_pickle=cfg.allow_pickle,
     )
 
 

@@ -12,7 +12,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from pipeline.config import EvaluationJobConfig
-from pipeline.tracking.runs import redact, resolve_tracking_uri
+from pipeline.tracking.runs import KIND_TAG, ensure_experiment, redact, resolve_tracking_uri
 
 if TYPE_CHECKING:
     from pipeline.evaluation.loading import LoadedModel, ModelReference
@@ -40,6 +40,17 @@ def _confusion_png(matrix: np.ndarray, labels: list[str], path: Path) -> None:
     plt.close(figure)
 
 
+def class_results(confusion: np.ndarray, labels: list[str], folder: Path) -> None:
+    """`per_class_accuracy.csv` (class, accuracy, videos) and `confusion_matrix.png` of a confusion matrix
+    (rows: true class, columns: predicted), written to `folder`: the same files for evaluations and training."""
+    videos = confusion.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        accuracy = np.where(videos > 0, np.diag(confusion) / np.maximum(videos, 1), np.nan)
+    per_class = pa.table({"class": labels, "accuracy": accuracy, "videos": videos})
+    pa_csv.write_csv(per_class, folder / "per_class_accuracy.csv")
+    _confusion_png(confusion, labels, folder / "confusion_matrix.png")
+
+
 def log_evaluation(
     cfg: EvaluationJobConfig,
     reference: ModelReference,
@@ -51,12 +62,14 @@ def log_evaluation(
     """Log to a new run in the experiment, tagged with the training run it measures; returns its id."""
     import mlflow
 
-    mlflow.set_tracking_uri(resolve_tracking_uri(cfg.mlflow.tracking_uri, Path.cwd()))
-    mlflow.set_experiment(cfg.mlflow.experiment)
-    tags = {"mvit.kind": "evaluation"}
+    tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, Path.cwd())
+    mlflow.set_tracking_uri(tracking_uri)
+    experiment_id = ensure_experiment(mlflow.tracking.MlflowClient(tracking_uri), tracking_uri, cfg.mlflow.experiment)
+    tags = {KIND_TAG: "evaluation"}
     if loaded.training_run_id:
         tags[EVALUATES_TAG] = loaded.training_run_id
-    with mlflow.start_run(run_name=f"evaluate-{Path(str(loaded.description)).name}", tags=tags) as run:
+    name = f"evaluate-{Path(str(loaded.description)).name}"
+    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags) as run:
         mlflow.log_params(
             {
                 "model": redact(reference.reference),
@@ -80,11 +93,7 @@ def log_evaluation(
             folder = Path(folder)
             names = pa.array([loaded.labels[i] for i in result.predictions.column("prediction").to_pylist()])
             pq.write_table(result.predictions.append_column("prediction_name", names), folder / "predictions.parquet")
-            per_class = pa.table(
-                {"class": loaded.labels, "accuracy": result.per_class_accuracy, "videos": result.confusion.sum(axis=1)}
-            )
-            pa_csv.write_csv(per_class, folder / "per_class_accuracy.csv")
-            _confusion_png(result.confusion, loaded.labels, folder / "confusion_matrix.png")
+            class_results(result.confusion, loaded.labels, folder)
             unusable = [f"{path}\t{reason}" for path, reason in excluded + sorted(skipped.items())]
             (folder / "unusable_videos.tsv").write_text("\n".join(unusable) + ("\n" if unusable else ""))
             mlflow.log_artifacts(str(folder))

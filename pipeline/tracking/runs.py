@@ -13,7 +13,7 @@ import logging
 import re
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -21,7 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 
 from pipeline.config import flatten
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, TrackingError
 
 if TYPE_CHECKING:
     from torch import nn
@@ -31,9 +31,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RUN_KEY_TAG = "mvit.run_key"
+KIND_TAG = "mvit.kind"
+MODELS_TAG = "mvit.models_logged"
+EXPERIMENT_TAGS = {
+    "mlflow.experimentKind": "custom_model_development",
+    "mlflow.note.content": "MViT video classification on Ray: training runs (mvit.kind=training) and the "
+    "evaluations of their models (mvit.kind=evaluation, mvit.evaluates=<training run id>).",
+}
 SECRET_KEY = re.compile(r"(password|passwd|secret|token|api[_-]?key|credential)", re.IGNORECASE)
 MAX_PARAM_LENGTH = 6000
 CURVES = {"loss.png": ("train/loss", "val/loss"), "accuracy.png": ("val/top1", "val/top5")}
+VAL_KEYS = ("val/top1", "val/top5", "val/loss")
 
 Metric = tuple[str, float, int, int]  # key, value, step, timestamp (ms)
 
@@ -68,6 +76,26 @@ def safe_params(flat_config: dict[str, Any]) -> dict[str, str]:
     return params
 
 
+def artifact_location(tracking_uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: `mlruns/` beside an sqlite store (an absolute path, so that it
+    never lands in a job's working directory, which `ray job submit` deletes); a server's own choice otherwise."""
+    if tracking_uri.startswith("sqlite:///"):
+        return (Path(tracking_uri[len("sqlite:///") :]).parent / "mlruns").resolve().as_uri()
+    return None
+
+
+def ensure_experiment(client: Any, tracking_uri: str, name: str) -> str:
+    """The id of experiment `name`, created with an artifact location on the driver's terms and tagged as a
+    model-training experiment (MLflow's UI otherwise opens it in GenAI mode)."""
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        return client.create_experiment(name, artifact_location=artifact_location(tracking_uri), tags=EXPERIMENT_TAGS)
+    for key, value in EXPERIMENT_TAGS.items():
+        if key not in found.tags:
+            client.set_experiment_tag(found.experiment_id, key, value)
+    return found.experiment_id
+
+
 def get_or_create_run(tracking_uri: str, experiment: str, run_key: str, run_name: str) -> str:
     """The id of the one MLflow run of this training (tagged with `run_key`), created on first use.
 
@@ -76,25 +104,59 @@ def get_or_create_run(tracking_uri: str, experiment: str, run_key: str, run_name
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-    escaped = run_key.replace("'", "\\'")
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{escaped}'", max_results=1)
-    if runs:
-        return runs[0].info.run_id
-    return client.create_run(experiment_id, run_name=run_name, tags={RUN_KEY_TAG: run_key}).info.run_id
+    try:
+        experiment_id = ensure_experiment(client, tracking_uri, experiment)
+        escaped = run_key.replace("'", "\\'")
+        runs = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{escaped}'", max_results=1)
+        if runs:
+            return runs[0].info.run_id
+        tags = {RUN_KEY_TAG: run_key, KIND_TAG: "training"}
+        return client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+    except Exception as error:
+        raise TrackingError(f"MLflow store {redact(tracking_uri)}: {_first_line(error)}") from None
+
+
+def check_record(tracking_uri: str, run_id: str, models_expected: bool) -> None:
+    """After training: the run's record is complete (closed as FINISHED, models logged if asked), else a
+    `TrackingError`: a run whose metrics or models did not reach MLflow must not look like a success."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        run = MlflowClient(tracking_uri).get_run(run_id)
+    except Exception as error:
+        raise TrackingError(f"MLflow run {run_id} cannot be checked: {_first_line(error)}") from None
+    missing = []
+    if run.info.status != "FINISHED":
+        missing.append(f"it is {run.info.status}, not FINISHED (metrics or the end of the run were not written)")
+    if models_expected and run.data.tags.get(MODELS_TAG) != "true":
+        missing.append("its models were not logged")
+    if missing:
+        raise TrackingError(
+            f"MLflow run {run_id} at {redact(tracking_uri)} is incomplete: {'; '.join(missing)}. The checkpoints are "
+            "intact; the worker log says what the store answered"
+        )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 class RunLogger:
-    """Rank 0's handle on the run: params, committed metrics, artifacts and models."""
+    """Rank 0's handle on the run: params, committed metrics, artifacts and models.
 
-    def __init__(self, tracking_uri: str, run_id: str, system_metrics: bool) -> None:
+    A store that stops answering (a database made read-only, a server down) must not cost metrics: those it did
+    not take stay in the checkpoint's buffer and are offered again at the next commit, and `finish` retries them
+    until the store answers or `retry_seconds` have passed.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, system_metrics: bool, retry_seconds: float) -> None:
         import mlflow
         from mlflow.tracking import MlflowClient
 
         self._mlflow = mlflow
         self.client = MlflowClient(tracking_uri)
-        self.run_id = run_id
+        self.tracking_uri, self.run_id, self.retry_seconds = tracking_uri, run_id, retry_seconds
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
         self._last_step: dict[str, int] = {}
@@ -121,58 +183,78 @@ class RunLogger:
         for start in range(0, len(fresh), 1000):
             batch = [MlflowMetric(k, float(v), ts, step) for k, v, step, ts in fresh[start : start + 1000]]
             self.client.log_batch(self.run_id, metrics=batch)
-        for key, _, step, _ in fresh:
-            self._last_step[key] = max(self._last_step.get(key, -1), step)
+            for key, _, step, _ in fresh[start : start + 1000]:
+                self._last_step[key] = max(self._last_step.get(key, -1), step)
         return len(fresh)
+
+    def commit_or_keep(self, metrics: list[Metric]) -> list[Metric]:
+        """Commit `metrics`; if the store does not answer, keep them: returns the ones still to be logged."""
+        try:
+            self.commit(metrics)
+            return []
+        except Exception as error:
+            log.warning(
+                "MLflow store %s did not answer (%s): %d metrics kept for the next commit",
+                redact(self.tracking_uri),
+                _first_line(error),
+                len(metrics),
+            )
+            return list(metrics)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self._mlflow.log_text(text, artifact_file)
 
     def log_curves(self) -> None:
         """Loss and accuracy curves as PNG, redrawn from the committed history."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         with tempfile.TemporaryDirectory() as folder:
             for file_name, keys in CURVES.items():
-                figure, axes = plt.subplots(figsize=(6, 4))
-                for key in keys:
-                    history = sorted(self.client.get_metric_history(self.run_id, key), key=lambda m: m.step)
-                    if history:
-                        axes.plot([m.step for m in history], [m.value for m in history], label=key)
-                axes.set_xlabel("step")
-                axes.legend()
-                axes.grid(alpha=0.3)
-                figure.tight_layout()
-                figure.savefig(Path(folder) / file_name, dpi=100)
-                plt.close(figure)
+                histories = {key: self.client.get_metric_history(self.run_id, key) for key in keys}
+                draw_curves(histories, Path(folder) / file_name)
             self._mlflow.log_artifacts(folder, "curves")
 
-    def log_model(self, model: Any, name: str, input_example: Any, registered_model_name: str | None) -> None:
-        """An MLflow PyTorch model; pt2 (torch.export) first, pickle if the model does not export."""
-        try:
-            self._mlflow.pytorch.log_model(
-                model, name=name, input_example=input_example, registered_model_name=registered_model_name
-            )
-        except Exception as error:  # torch.export is stricter than eager; a logged model beats none
-            log.warning(
-                "pt2 export of %s failed (%s: %s); logging it in pickle format",
-                name,
-                type(error).__name__,
-                str(error).splitlines()[0] if str(error) else "",
-            )
-            self._mlflow.pytorch.log_model(
-                model,
-                name=name,
-                input_example=input_example,
-                registered_model_name=registered_model_name,
-                serialization_format="pickle",
-            )
+    def finish(self, unsent: list[Metric], last_steps: Callable[[], None] | None = None) -> bool:
+        """Log what is still unsent, run `last_steps` (e.g. logging models) and end the run FINISHED, retrying
+        while the store does not answer, for up to `retry_seconds`. False if the record could not be completed:
+        the driver then fails the job (see `check_record`)."""
+        deadline, wait = time.monotonic() + self.retry_seconds, 1.0
+        while True:
+            try:
+                self.commit(unsent)
+                unsent = []
+                if last_steps is not None:
+                    last_steps()
+                self._mlflow.end_run(status="FINISHED")
+                return True
+            except Exception as error:
+                if time.monotonic() + wait > deadline:
+                    log.error("MLflow run %s left incomplete: %s", self.run_id, _first_line(error))
+                    return False
+                log.warning("MLflow store did not answer (%s); retrying in %.0f s", _first_line(error), wait)
+                time.sleep(wait)
+                wait = min(wait * 2, 30.0)
 
     def close(self, status: str = "FINISHED") -> None:
         self._mlflow.end_run(status=status)
+
+
+def draw_curves(histories: dict[str, list[Any]], path: Path) -> None:
+    """One PNG of metric histories against their step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for key, history in histories.items():
+        points = sorted((m.step, m.value) for m in history)
+        if points:
+            axes.plot([step for step, _ in points], [value for _, value in points], label=key)
+    axes.set_xlabel("step")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
 
 
 class TrainingLogger(RunLogger):
@@ -181,7 +263,8 @@ class TrainingLogger(RunLogger):
     @classmethod
     def open(cls, job: TrainJob, run_id: str) -> TrainingLogger:
         """Reopen the run on rank 0; params and inputs are logged on its first start only."""
-        logger = cls(job.config.mlflow.tracking_uri, run_id, job.config.mlflow.system_metrics)
+        settings = job.config.mlflow
+        logger = cls(settings.tracking_uri, run_id, settings.system_metrics, settings.retry_seconds)
         logger.log_params_once(flatten(dataclasses.asdict(job.config)))
         logger.log_text(job.config_yaml, "config.yaml")
         logger.log_text("\n".join(job.labels) + "\n", "labels.txt")
@@ -189,22 +272,62 @@ class TrainingLogger(RunLogger):
             logger.log_text("".join(f"{path}\t{reason}\n" for path, reason in job.excluded), "excluded_videos.tsv")
         return logger
 
+    def log_best_classes(self, confusion: np.ndarray, labels: list[str], epoch: int) -> None:
+        """Per-class accuracy and the confusion matrix of the best epoch so far (replaced at each new best)."""
+        from pipeline.tracking.evaluation import class_results
+
+        with tempfile.TemporaryDirectory() as folder:
+            class_results(confusion, labels, Path(folder))
+            (Path(folder) / "epoch.txt").write_text(f"{epoch}\n")
+            self._mlflow.log_artifacts(folder, "best_epoch")
+
     def log_models(self, model: nn.Module, best_state: dict | None, job: TrainJob) -> None:
-        """The final and best models, each with an input example; the best one registered if configured."""
+        """The final and best models with their cards (labels, clip settings, val metrics) and a description;
+        the best one registered if configured."""
+        from pipeline.tracking.models import CLIP_KEYS
+
         settings = job.config.mlflow
-        if not settings.log_models:
+        if not settings.log_models or self.client.get_run(self.run_id).data.tags.get(MODELS_TAG) == "true":
             return
-        if self.client.get_run(self.run_id).data.tags.get("mvit.models_logged") == "true":
-            return
-        frames, height, width = job.input_size
-        # Batch 2: torch.export specialises a dimension whose example size is 0 or 1.
-        example = np.zeros((2, 3, frames, height, width), dtype=np.float32)
-        final = model.to("cpu").eval()
-        self.log_model(final, "model", example, None)
+        clip = {key: getattr(job.config.data, key) for key in CLIP_KEYS}
+        final_metrics, best_metrics = self._val_metrics()
+        model = model.to("cpu").eval()
+        self._log_model(model, "model", job, clip, final_metrics, None)
         if best_state is not None:
-            final.load_state_dict(best_state)
-            self.log_model(final, "best_model", example, settings.registered_model_name)
-        self.client.set_tag(self.run_id, "mvit.models_logged", "true")
+            model.load_state_dict(best_state)
+            self._log_model(model, "best_model", job, clip, best_metrics, settings.registered_model_name)
+        self.client.set_tag(self.run_id, MODELS_TAG, "true")
+
+    def _log_model(
+        self, model: nn.Module, name: str, job: TrainJob, clip: dict, metrics: dict, registered: str | None
+    ) -> None:
+        from pipeline.tracking.models import describe, log_pytorch_model, model_card
+
+        card = model_card(job.config.model.name, job.labels, job.input_size, clip, metrics)
+        info = log_pytorch_model(self._mlflow, model, name, card, registered)
+        description = describe(card, self.run_id)
+        self.client.set_logged_model_tags(info.model_id, {"mlflow.note.content": description})
+        numeric = {key: value for key, value in metrics.items() if isinstance(value, float)}
+        if numeric:
+            self._mlflow.log_metrics(numeric, step=int(metrics.get("step", 0)), model_id=info.model_id)
+        version = getattr(info, "registered_model_version", None)
+        if registered and version is not None:
+            self.client.update_model_version(registered, str(version), description=description)
+            if not self.client.get_registered_model(registered).description:
+                self.client.update_registered_model(registered, description=description)
+
+    def _val_metrics(self) -> tuple[dict[str, float], dict[str, float]]:
+        """val/* at the last epoch and at the best (highest val/top1) epoch, with their step."""
+        history = {key: {m.step: m.value for m in self.client.get_metric_history(self.run_id, key)} for key in VAL_KEYS}
+        steps = sorted(history["val/top1"])
+        if not steps:
+            return {}, {}
+        best = max(steps, key=lambda step: (history["val/top1"][step], -step))
+
+        def at(step: int) -> dict[str, float]:
+            return {"step": step, **{key: values[step] for key, values in history.items() if step in values}}
+
+        return at(steps[-1]), at(best)
 
 
 def end_run(tracking_uri: str, run_id: str, status: str) -> None:

@@ -53,7 +53,8 @@ class Checkpointer:
         self.state = LoopState()
         self.best_model: dict[str, torch.Tensor] | None = None
         self.run_id = job.mlflow_run_id
-        self.on_commit: Callable[[list[Metric]], None] | None = None  # rank 0's MLflow logger, once it is open
+        # Rank 0's MLflow logger, once it is open: commits metrics and returns those the store did not take.
+        self.on_commit: Callable[[list[Metric]], list[Metric]] | None = None
 
     def restore(self, device: torch.device) -> None:
         """Continue from Ray Train's latest checkpoint of this run, if there is one."""
@@ -87,9 +88,8 @@ class Checkpointer:
                 checkpoints.save_state(folder, self._payload())
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(metrics, checkpoint=checkpoint)
-        if self.on_commit is not None:
-            self.on_commit(self.state.pending)
-        self.state.pending = []
+        # What the store did not take stays in the buffer: the next checkpoint carries it and offers it again.
+        self.state.pending = self.on_commit(self.state.pending) if self.on_commit is not None else []
 
     def _payload(self) -> dict[str, Any]:
         job = self.job

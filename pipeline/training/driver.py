@@ -12,18 +12,28 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray.train
+import torch
 from omegaconf import DictConfig, OmegaConf
-from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig, WorkerGroupError
+from ray.train import (
+    CheckpointConfig,
+    FailureConfig,
+    LoggingConfig,
+    Result,
+    RunConfig,
+    ScalingConfig,
+    WorkerGroupError,
+)
 from ray.train.torch import TorchTrainer
 
+import mvit
 from pipeline import tracking
-from pipeline.config import DataConfig, TrainingJobConfig, typed
+from pipeline.config import DataConfig, ModelConfig, TrainingJobConfig, typed
 from pipeline.data import index, manifest
 from pipeline.data.dataset import DecodeTasks, train_dataset, val_dataset
 from pipeline.data.demo import DemoDataset, make_demo_dataset
 from pipeline.data.sampling import ClipSpec
 from pipeline.data.transforms import EvalTransform, TrainTransform
-from pipeline.errors import DataError, ModelError, TrainingStopped
+from pipeline.errors import ConfigError, DataError, ModelError, UserError
 from pipeline.training.job import TrainJob
 from pipeline.training.worker import train_loop_per_worker
 
@@ -35,6 +45,7 @@ PATH_KEYS = (
     "data.test",
     "data.root",
     "data.labels",
+    "data.index_cache",
     "data.demo.out",
     "run.storage_path",
     "model.pretrained",
@@ -79,6 +90,31 @@ def resolve_paths(cfg: DictConfig, base: Path) -> DictConfig:
     return cfg
 
 
+def cfg_classes(cfg: TrainingJobConfig, plan: DataPlan) -> int:
+    return cfg.model.num_classes or len(plan.labels)
+
+
+def announce_pretrained(model: ModelConfig, num_classes: int) -> None:
+    """Check `model.pretrained` on the driver (not in every worker) and say once if fine-tuning re-initialises its
+    head: a deliberate step when the new dataset has other classes, and one line rather than a warning per worker."""
+    if not model.pretrained:
+        return
+    if not Path(model.pretrained).is_file():
+        raise ModelError(f"model.pretrained {model.pretrained}: no such file")
+    try:
+        checkpoint = torch.load(model.pretrained, map_location="cpu", weights_only=True, mmap=True)
+        state = mvit.convert_state_dict(checkpoint, model.pretrained_source, mvit.create_model(model.name))
+    except Exception as error:
+        raise ModelError(f"model.pretrained {model.pretrained}: {str(error).splitlines()[0]}") from None
+    head = state.get("head.weight")
+    if head is not None and head.shape[0] != num_classes:
+        print(
+            f"fine-tuning from {model.pretrained}: its head has {head.shape[0]} classes, this run {num_classes}; "
+            "the head starts from random weights",
+            flush=True,
+        )
+
+
 def use_demo_if_unset(data: DataConfig) -> None:
     """With no `data.train`, generate the demo dataset (if absent) and train on it."""
     if data.train:
@@ -94,10 +130,16 @@ def use_demo_if_unset(data: DataConfig) -> None:
 
 
 def plan_data(cfg: TrainingJobConfig) -> DataPlan:
-    """Probe each manifest once into a Parquet index (cached beside the run); unusable videos are left out here."""
+    """Probe each manifest once into a Parquet index (cached by what was probed); unusable videos are left out here.
+
+    One label map (`data.labels`, else the train manifest's) resolves the manifests' class names and is checked
+    against the labels and `model.num_classes`, here on the driver rather than in every worker.
+    """
     data = cfg.data
-    labels = manifest.read_label_map(data.labels or manifest.label_map_path(data.train))
-    index_dir = Path(cfg.run.storage_path) / cfg.run.name / "index"
+    labels_path = data.labels or str(manifest.label_map_path(data.train))
+    labels = manifest.read_label_map(labels_path)
+    check_num_classes(cfg.model.num_classes, labels, labels_path)
+    cache_dir = Path(data.index_cache) if data.index_cache else index.default_cache_dir()
     tables, excluded = [], []
     for split in ("train", "val"):
         source = getattr(data, split)
@@ -107,22 +149,32 @@ def plan_data(cfg: TrainingJobConfig) -> DataPlan:
             raise DataError(f"data.{split} {source}: no such file")
         probed = index.ensure_index(
             source,
-            index_dir / f"{split}.parquet",
+            cache_dir,
             data.root or None,
             data.allow_outside_root,
+            labels_path,
             data.cpus_per_task,
             data.decode_concurrency,
         )
         usable, unusable = index.read_usable(probed)
-        if usable.num_rows == 0:
-            raise DataError(f"data.{split} {source}: no usable videos ({len(unusable)} unusable)")
+        index.require_usable(usable, unusable, f"data.{split} {source}")
         if pc.max(usable.column("label")).as_py() >= len(labels):
-            raise DataError(f"data.{split} {source}: a label is past the {len(labels)} names of the label map")
+            raise DataError(f"data.{split} {source}: a label is past the {len(labels)} names of {labels_path}")
         tables.append(usable)
         excluded.extend(unusable)
     for path, reason in excluded:
         log.warning("excluded before training: %s (%s)", path, reason)
     return DataPlan(tables[0], tables[1], labels, excluded)
+
+
+def check_num_classes(num_classes: int, labels: list[str], labels_path: str) -> None:
+    """`model.num_classes` (0: the label map's count) must be the label map's count: fewer would crash the workers
+    on the first label past the head, more would leave head outputs without a name."""
+    if num_classes and num_classes != len(labels):
+        raise ConfigError(
+            f"model.num_classes={num_classes} but the label map {labels_path} has {len(labels)} names "
+            "(set model.num_classes=0 to take the label map's count)"
+        )
 
 
 def train_transform(data: DataConfig) -> TrainTransform:
@@ -178,7 +230,7 @@ def build_trainer(cfg: TrainingJobConfig, config_yaml: str, plan: DataPlan, run_
         config=cfg,
         config_yaml=config_yaml,
         labels=plan.labels,
-        num_classes=cfg.model.num_classes or len(plan.labels),
+        num_classes=cfg_classes(cfg, plan),
         input_size=(data.num_frames, data.crop_size, data.crop_size),
         excluded=plan.excluded,
         steps_per_epoch=max(clips_per_epoch // (train.batch_size * cfg.scaling.num_workers), 1),
@@ -200,6 +252,7 @@ def build_trainer(cfg: TrainingJobConfig, config_yaml: str, plan: DataPlan, run_
             storage_path=cfg.run.storage_path,
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
+            logging_config=LoggingConfig(log_level=cfg.run.ray_train_log_level),
         ),
         datasets=datasets,
         dataset_config=ValidationSplit(datasets_to_split=["train"]),
@@ -219,10 +272,8 @@ def run_training(cfg: DictConfig, base: Path | None = None) -> TrainingOutcome:
     resolved = resolve_paths(cfg, base or Path.cwd())
     job_config: TrainingJobConfig = typed(resolved)
     use_demo_if_unset(job_config.data)
-    pretrained = job_config.model.pretrained
-    if pretrained and not Path(pretrained).is_file():
-        raise ModelError(f"model.pretrained {pretrained}: no such file")  # here, not in every worker
     plan = plan_data(job_config)
+    announce_pretrained(job_config.model, cfg_classes(job_config, plan))
     mlflow = job_config.mlflow
     run_key = f"{job_config.run.storage_path}/{job_config.run.name}"
     run_id = tracking.get_or_create_run(mlflow.tracking_uri, mlflow.experiment, run_key, job_config.run.name)
@@ -230,8 +281,12 @@ def run_training(cfg: DictConfig, base: Path | None = None) -> TrainingOutcome:
     try:
         result = fit(build_trainer(job_config, OmegaConf.to_yaml(OmegaConf.structured(job_config)), plan, run_id))
     except Exception:
-        tracking.end_run(mlflow.tracking_uri, run_id, "FAILED")  # a rerun reopens it
+        try:
+            tracking.end_run(mlflow.tracking_uri, run_id, "FAILED")  # a rerun reopens it
+        except Exception as error:  # a store that does not answer: the error that stopped training comes first
+            log.warning("could not mark MLflow run %s FAILED: %s", run_id, error)
         raise
+    tracking.check_record(mlflow.tracking_uri, run_id, models_expected=mlflow.log_models)
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float) and math.isfinite(v)}
     return TrainingOutcome(run_id, mlflow.tracking_uri, result, metrics)
 
@@ -241,7 +296,7 @@ def fit(trainer: TorchTrainer) -> Result:
     try:
         return trainer.fit()
     except WorkerGroupError as error:
-        stopped = [failure for failure in error.worker_failures.values() if isinstance(failure, TrainingStopped)]
+        stopped = [failure for failure in error.worker_failures.values() if isinstance(failure, UserError)]
         if stopped:
             raise stopped[0] from None
         raise

@@ -30,8 +30,10 @@ def validate(
     normalise: Normalise,
     precision: str,
     device: torch.device,
+    confusion: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Loss, top-1 and top-5 over every worker's batches.
+    """Loss, top-1 and top-5 over every worker's batches; with `confusion` (classes × classes, zeros), also the
+    confusion matrix (rows: true class, columns: top-1 prediction), summed over every worker into it.
 
     Each worker reads a disjoint, non-equalised split of the val dataset (see `driver.ValidationSplit`), so every
     video is seen exactly once; the sums are then all-reduced. `model` must be the bare module, not DDP: workers
@@ -46,7 +48,11 @@ def validate(
         loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
         top1, top5 = topk_hits(logits, labels)
         hits1, hits5, count = hits1 + top1, hits5 + top5, count + labels.shape[0]
+        if confusion is not None:
+            confusion.index_put_((labels, logits.argmax(dim=-1)), torch.ones_like(labels), accumulate=True)
     loss_sum, hits1, hits5, count = all_reduce_sum([loss_sum, hits1, hits5, count], device)
+    if confusion is not None and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(confusion)
     if count == 0:
         return {"val/loss": math.nan, "val/top1": 0.0, "val/top5": 0.0, "val/count": 0}
     return {"val/loss": loss_sum / count, "val/top1": hits1 / count, "val/top5": hits5 / count, "val/count": count}

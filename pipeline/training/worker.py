@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterator
 
 import ray
@@ -21,6 +22,7 @@ from pipeline.tracking import TrainingLogger
 from pipeline.training.checkpointer import Checkpointer, LoopState
 from pipeline.training.job import TrainJob
 from pipeline.training.mixup import MixupCutmix
+from pipeline.training.progress import EpochProgress, say, set_ray_train_log_level
 from pipeline.training.step import TrainStep
 from pipeline.training.validation import all_reduce_sum, validate
 
@@ -55,7 +57,9 @@ def build_model(job: TrainJob) -> mvit.MViT:
         pool_memory_format=settings.pool_memory_format,
     )
     if settings.pretrained:
-        mvit.load_pretrained(model, settings.pretrained, source=settings.pretrained_source)
+        with warnings.catch_warnings():  # a head of another size is re-initialised: the driver says so, once
+            warnings.filterwarnings("ignore", message="checkpoint head has")
+            mvit.load_pretrained(model, settings.pretrained, source=settings.pretrained_source)
     return model
 
 
@@ -106,11 +110,12 @@ class WorkerLoop:
         )
         self.checkpointer = Checkpointer(job, self.rank, unwrap(self.model), self.step.optimizer, self.step.scaler)
         self.checkpointer.restore(self.device)
+        self.progress = EpochProgress(cfg.train.epochs, self.state.epoch)
         self.logger = TrainingLogger.open(job, self.checkpointer.run_id) if self.rank == 0 else None
         if self.logger is not None:
-            self.checkpointer.on_commit = self.logger.commit
+            self.checkpointer.on_commit = self.logger.commit_or_keep
             # Metrics of a checkpoint that was reported but not yet committed when the last attempt died.
-            self.logger.commit(self.checkpointer.state.pending)
+            self.checkpointer.state.pending = self.logger.commit_or_keep(self.checkpointer.state.pending)
 
     @property
     def state(self) -> LoopState:
@@ -133,12 +138,15 @@ class WorkerLoop:
         set_epoch(self.job.epoch_clock, self.state.epoch)  # before iterating: the epoch's data order and crops
         batches = self._batches("train", drop_last=True)
         window, bad_in_a_row = _Window(), 0
+        self.progress.start_epoch()
         for _ in range(max(steps_per_epoch - self.state.step_in_epoch, 0)):
             waited = time.perf_counter()
             batch = next(batches, None)
             if batch is None:
                 break
-            window.wait += time.perf_counter() - waited
+            waited = time.perf_counter() - waited
+            window.wait += waited
+            self.progress.wait += waited
             loss, applied = self.step(batch, self.state.step / steps_per_epoch)
             bad_in_a_row = 0 if applied else bad_in_a_row + 1
             if bad_in_a_row > train.max_bad_steps:  # numbered as MLflow numbers steps
@@ -146,6 +154,7 @@ class WorkerLoop:
             self.state.step += 1
             self.state.step_in_epoch += 1
             window.add(loss, applied, batch["label"].shape[0])
+            self.progress.add(loss, applied, batch["label"].shape[0])
             if self.state.step % train.log_every_steps == 0:
                 window = self._log_window(window)
             every = train.checkpoint_every_steps
@@ -164,15 +173,19 @@ class WorkerLoop:
                 self.checkpointer.record(key, value)
         return _Window()
 
-    def validate(self) -> dict[str, float]:
+    def validate(self) -> tuple[dict[str, float], torch.Tensor]:
         batches = self._batches("val", drop_last=False)
-        return validate(unwrap(self.model), batches, self.normalise, self.precision, self.device)
+        classes = self.job.num_classes
+        confusion = torch.zeros(classes, classes, dtype=torch.int64, device=self.device)
+        val = validate(unwrap(self.model), batches, self.normalise, self.precision, self.device, confusion)
+        return val, confusion
 
     def end_epoch(self) -> None:
         """Validate, keep the best model, and checkpoint with the epoch's metrics."""
-        val = self.validate()
+        val, confusion = self.validate()
         counts = epoch_counts(self.job.skip_counter, self.state.epoch)  # None: the counter was lost
         data = {"data/skipped_videos": counts.skipped, "data/clamped_clips": counts.clamped} if counts else {}
+        train = self.progress.epoch_figures(self.device)
         if self.rank == 0:
             for key, value in {**val, **data}.items():
                 self.checkpointer.record(key, value)
@@ -180,6 +193,9 @@ class WorkerLoop:
             if val["val/top1"] > self.state.best_top1:
                 self.state.best_top1 = val["val/top1"]
                 self.checkpointer.keep_best()
+                if self.logger is not None:
+                    self.logger.log_best_classes(confusion.cpu().numpy(), self.job.labels, self.state.epoch + 1)
+            say(self.progress.epoch_line(self.state.epoch + 1, self.state.step, train, val))
         self.state.epoch += 1
         self.state.step_in_epoch = 0
         self.checkpointer.save({"epoch": self.state.epoch, "step": self.state.step, **val, **data})
@@ -191,10 +207,12 @@ class WorkerLoop:
             self.train_epoch(self.job.steps_per_epoch)
             self.end_epoch()
         if self.logger is not None:
-            self.logger.log_models(unwrap(self.model), self.checkpointer.best_model, self.job)
-            self.logger.close()
+            model, best = unwrap(self.model), self.checkpointer.best_model
+            self.logger.finish(self.state.pending, lambda: self.logger.log_models(model, best, self.job))
+            say(self.progress.summary(self.state))
 
 
 def train_loop_per_worker(job: TrainJob) -> None:
     """Ray Train entry point (one call per worker, and again on every restart of the worker group)."""
+    set_ray_train_log_level(job.config.run.ray_train_log_level)
     WorkerLoop(job).fit()
