@@ -1,7 +1,7 @@
 """Shared fixtures: one real local Ray per test session, the demo dataset, training overrides, MLflow stores.
 
 Lanes: every test that uses `ray_session` (directly or through another fixture) or is marked `ray`, `cluster` or
-`faults` starts Ray; `slow` ones (torch.compile's code generation) take long without it; every other test is marked
+`faults` starts Ray; `slow` ones (torch.compile, full-size peer models) take long without it; every other test is marked
 `unit` here, so `pytest -m unit` is the fast loop.
 """
 

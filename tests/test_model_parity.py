@@ -10,6 +10,7 @@ from jobs.benchmark.torchvision_reference import load_torchvision_mvit_v1_b
 
 
 @torch.no_grad()
+@pytest.mark.slow
 def test_mvit_b_16x4_matches_torchvision_mvit_v1_b(tmp_path) -> None:
     builder = load_torchvision_mvit_v1_b()
     if builder is None:

@@ -26,7 +26,12 @@ def test_counts_match_the_reference(name: str) -> None:
         assert mvit.count_gmacs(model, (1, 3, *model.input_size)) == pytest.approx(preset.reference_gmacs, rel=0.01)
 
 
-@pytest.mark.parametrize("name", mvit.list_models())
+TINY = ("mvit_tiny", "mvit_v2_tiny")
+
+
+@pytest.mark.parametrize(
+    "name", [name if name in TINY else pytest.param(name, marks=pytest.mark.slow) for name in mvit.list_models()]
+)
 def test_forward_and_backward_with_activation_checkpointing(name: str) -> None:
     """On a small clip (the full size takes minutes on 2 cores): finite logits, finite gradients for every
     parameter, and each block run again in the backward pass."""

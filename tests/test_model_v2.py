@@ -23,6 +23,7 @@ def pyslowfast_pair(spec: str, preset: str, size: tuple[int, int, int]) -> tuple
     return reference, mvit.load_weights(model, {"model_state": reference.state_dict()}, "pyslowfast").eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("spec", "preset", "built", "other"),
     [
@@ -42,6 +43,7 @@ def test_other_input_sizes_interpolate_the_tables_as_pyslowfast(spec, preset, bu
         assert relative_error(reference(clip), model(clip)) < 1e-4
 
 
+@pytest.mark.slow
 def test_a_model_built_for_another_size_loads_the_tables_resized() -> None:
     reference, _ = pyslowfast_pair("MVITv2_S_16x4", "mvit_v2_s_16x4", (8, 64, 64))
     model = mvit.create_model("mvit_v2_s_16x4", input_size=(8, 96, 96))
@@ -79,6 +81,7 @@ def test_bf16_inference_runs_fused_with_a_bf16_mask_and_v1_has_no_mask() -> None
         assert not [op for op, _ in log.calls if "softmax" in op or "_math" in op]
 
 
+@pytest.mark.slow
 def test_training_gives_gradients_to_every_table_and_checkpointing_keeps_them() -> None:
     torch.manual_seed(0)
     settings = {"num_classes": 5, "drop_path_rate": 0.0, "head_dropout": 0.0}

@@ -29,6 +29,7 @@ def one_line_error(error: pytest.ExceptionInfo) -> str:
     return message
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
 def test_each_peer_layout_loads_as_saved_and_gives_its_logits(case: Case, tmp_path: Path) -> None:
     if case.source.startswith("pytorchvideo") and pytorchvideo_hub() is None:
@@ -41,6 +42,7 @@ def test_each_peer_layout_loads_as_saved_and_gives_its_logits(case: Case, tmp_pa
     assert outcome.model_params == outcome.upstream_params + extra
 
 
+@pytest.mark.slow
 def test_the_pool_norm_eps_of_the_wrong_version_shows(tmp_path: Path) -> None:
     """The table above could not tell PySlowFast HEAD from its v1-era code if eps did not matter: it does."""
     [case] = [c for c in CASES if c.source == "pyslowfast_v1" and c.upstream == "MVIT_B_16x4_CONV"]
@@ -67,6 +69,7 @@ def copy_into(target: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.
 
 
 @needs_pytorchvideo
+@pytest.mark.slow
 @pytest.mark.parametrize("cls_embed_on", [True, False])
 def test_pyslowfast_reference_v1_era_is_pytorchvideo_0_1_5(cls_embed_on: bool) -> None:
     """MViT-B 16x4: the same network in both (pytorchvideo's MViT is PySlowFast's, moved), pooling norms eps 1e-5;
@@ -93,6 +96,7 @@ def test_pyslowfast_reference_v1_era_is_pytorchvideo_0_1_5(cls_embed_on: bool) -
         assert relative_error(upstream(clip), reference(clip)) < 1e-5
 
 
+@pytest.mark.slow
 def test_pyslowfast_reference_mvitv2_is_torchvision_mvit_v2_s() -> None:
     """MViTv2-S at 8×64²: torchvision's MViT class with mvit_v2_s's settings; names as torchvision's own port script
     maps PySlowFast's (vision PR #6373)."""
@@ -322,6 +326,7 @@ def test_pyslowfast_v1_era_separate_qkv_is_refused(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.slow
 def test_joint_pos_embed_splits_for_images_only(tmp_path: Path) -> None:
     path = saved("pyslowfast:MVIT_B_16_CONV (ImageNet)@", tmp_path)
     state = torch.load(path, weights_only=True)["model_state"]

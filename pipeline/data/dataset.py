@@ -199,10 +199,9 @@ class _EvalViews:
     def plan(self, count: int, info: VideoInfo, first: int, rng: np.random.Generator) -> list[_Plan]:
         times = _segment_times(info, first, count)
         clips = uniform_clips(count, info.fps, self.spec, self.num_clips, first_frame=first, times=times)
-        height, width = self.transform.resized_size(info.height, info.width)
-        shrinks = height <= info.height and width <= info.width
-        frame_crop = FrameCrop((0, 0, info.height, info.width), (height, width)) if shrinks else None
-        return [_Plan(clip, None, frame_crop) for clip in clips]
+        # Whole frames, resized after decoding: test views stay exact to the reference resize (the fused swscale
+        # resize moves pixels by up to half a pixel, acceptable for random training crops, not for test scores).
+        return [_Plan(clip, None, None) for clip in clips]
 
     def views(self, clips: list[np.ndarray], plans: list[_Plan], rng: np.random.Generator) -> list[np.ndarray]:
         return [view for clip in clips for view in self.transform(clip)]

@@ -151,10 +151,6 @@ class EvalTransform:
     def __call__(self, clip: np.ndarray) -> list[np.ndarray]:
         return spatial_crops(short_side_resize(clip, self.short_side), self.crop_size, self.num_crops)
 
-    def resized_size(self, height: int, width: int) -> tuple[int, int]:
-        """(height, width) of a height × width frame with its short side resized, as `short_side_resize` does."""
-        return short_side_size(height, width, self.short_side)
-
 
 class Normalise:
     """uint8 clips (B, T, H, W, C) as Ray Data delivers them → float (B, C, T, H, W), normalised per channel.
