@@ -3,7 +3,8 @@
 Clips stay uint8 all the way through Ray Data; normalising to float happens on the training device, which moves
 4× fewer bytes through the object store. Training crops pick a box in the source frame and resize only that box
 (a short-side scale jitter followed by a random crop is the same as a random box whose side is crop / scale).
-RandAugment, random erasing and the like plug in as `augments`: functions of (clip, rng) run after crop and flip.
+RandAugment and colour jitter (`pipeline.data.augment`) plug in as `augments`: functions of (clip, rng) run after
+crop and flip.
 """
 
 from __future__ import annotations
@@ -19,12 +20,16 @@ ClipAugment = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 Box = tuple[int, int, int, int]  # top, left, height, width
 
 
-def resize(clip: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bilinear resize with antialiasing, uint8 in and out."""
+def resize(clip: np.ndarray, height: int, width: int, mode: str = "bilinear") -> np.ndarray:
+    """Bilinear or bicubic resize with antialiasing, uint8 in and out (bicubic overshoot is clamped to 0–255)."""
     if clip.shape[1:3] == (height, width):
         return clip
     frames = torch.from_numpy(np.ascontiguousarray(clip)).permute(0, 3, 1, 2)  # a channels-last view, no copy
-    resized = F.interpolate(frames, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    if mode == "bicubic":  # torch's uint8 path is bilinear only
+        frames = frames.float()
+    resized = F.interpolate(frames, size=(height, width), mode=mode, antialias=True, align_corners=False)
+    if resized.dtype != torch.uint8:
+        resized = resized.round_().clamp_(0, 255).to(torch.uint8)
     return np.ascontiguousarray(resized.permute(0, 2, 3, 1).numpy())
 
 
@@ -113,6 +118,7 @@ class TrainTransform:
     crop_aspect: tuple[float, float]
     flip: bool
     augments: tuple[ClipAugment, ...] = ()
+    interpolation: str = "bilinear"  # of the box's resize: bilinear | bicubic
 
     def __call__(self, clip: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         height, width = clip.shape[1:3]
@@ -120,7 +126,7 @@ class TrainTransform:
             box = inception_box(height, width, self.crop_area, self.crop_aspect, rng)
         else:
             box = scale_jitter_box(height, width, self.crop_size, self.short_side, rng)
-        out = resize(crop(clip, box), self.crop_size, self.crop_size)
+        out = resize(crop(clip, box), self.crop_size, self.crop_size, self.interpolation)
         if self.flip and rng.random() < 0.5:
             out = horizontal_flip(out)
         for augment in self.augments:

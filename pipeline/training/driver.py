@@ -19,6 +19,7 @@ from ray.train.torch import TorchTrainer
 from pipeline import tracking
 from pipeline.config import DataConfig, TrainingJobConfig, typed
 from pipeline.data import index, manifest
+from pipeline.data.augment import clip_augments
 from pipeline.data.dataset import DecodeTasks, train_dataset, val_dataset
 from pipeline.data.demo import DemoDataset, make_demo_dataset
 from pipeline.data.sampling import ClipSpec
@@ -143,6 +144,8 @@ def build_datasets(data: DataConfig, plan: DataPlan, skip_counter: str) -> dict[
         crop_area=(augment.min_area, augment.max_area),
         crop_aspect=(augment.min_aspect, augment.max_aspect),
         flip=augment.flip,
+        augments=clip_augments(augment.rand_augment, augment.rand_augment_interpolation, augment.color_jitter),
+        interpolation=augment.crop_interpolation,
     )
     val_transform = EvalTransform(data.test_short_side, data.crop_size, 1)
     return {
@@ -164,7 +167,10 @@ def build_trainer(cfg: TrainingJobConfig, config_yaml: str, plan: DataPlan, run_
         num_classes=cfg.model.num_classes or len(plan.labels),
         input_size=(data.num_frames, data.crop_size, data.crop_size),
         excluded=plan.excluded,
-        steps_per_epoch=max(clips_per_epoch // (train.batch_size * cfg.scaling.num_workers), 1),
+        # optimizer steps: each takes train.accumulate_steps batches on every worker
+        steps_per_epoch=max(
+            clips_per_epoch // (train.batch_size * cfg.scaling.num_workers * train.accumulate_steps), 1
+        ),
         mlflow_run_id=run_id,
         skip_counter=skip_counter,
     )
