@@ -275,7 +275,7 @@ def _check_choices(cfg: DictConfig, evaluation: bool) -> None:
         raise ConfigError(f"config key 'scaling.max_failures': must be >= -1, got {cfg.scaling.max_failures}")
     _check_augment(augment)
     if not evaluation:
-        _check_kit(cfg.train)
+        _check_kit(cfg)
 
 
 def _check_range(key: str, value: float, low: float, high: float, closed_high: bool = True) -> None:
@@ -300,14 +300,17 @@ def _check_augment(augment: DictConfig) -> None:
         raise ConfigError(f"config key 'data.augment.erase_count': must be >= 1, got {augment.erase_count}")
 
 
-def _check_kit(train: DictConfig) -> None:
+def _check_kit(cfg: DictConfig) -> None:
     """The training kit's keys: accumulation, EMA, layer decay, periods."""
+    train = cfg.train
     for key in ("accumulate_steps", "eval_every_epochs", "checkpoint_every_epochs"):
         if train[key] < 1:
             raise ConfigError(f"config key 'train.{key}': must be >= 1, got {train[key]}")
     _check_range("train.ema_decay", train.ema_decay, 0.0, 1.0, closed_high=False)
     if train.layer_decay <= 0 or train.layer_decay > 1:
         raise ConfigError(f"config key 'train.layer_decay': must be in (0, 1], got {train.layer_decay}")
+    if train.layer_decay < 1 and not cfg.model.pretrained:
+        raise ConfigError("config key 'model.pretrained': not set, but train.layer_decay < 1 is for fine-tuning")
     if train.model_to_log == "ema" and train.ema_decay == 0:
         raise ConfigError("config key 'train.model_to_log': 'ema' needs train.ema_decay > 0 (no EMA is kept)")
 

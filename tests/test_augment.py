@@ -181,6 +181,7 @@ def test_bicubic_crop_resize_keeps_uint8_and_flat_colour():
         ("train.accumulate_steps=0", "train.accumulate_steps"),
         ("train.model_to_log=ema", "train.model_to_log"),
         ("train.layer_decay=0", "train.layer_decay"),
+        ("train.layer_decay=0.75", "model.pretrained"),
         ("train.ema_decay=1.0", "train.ema_decay"),
     ],
 )

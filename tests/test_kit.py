@@ -194,3 +194,6 @@ def test_every_lr_of_the_recipe_scales_as_pyslowfast_scales_base_lr_by_shards():
         assert schedule.warmup_start_lr == pytest.approx(1e-6 * shards)
         assert schedule.min_lr == pytest.approx(1e-6 * shards)
     assert lr_schedule(recipe, 8 * 64).peak_lr == pytest.approx(1.6e-3)  # the paper's 1.6e-3 at 512
+    assert recipe.batch_size * 8 * recipe.accumulate_steps == 512  # the recipe's 8 workers reach it
+    finetune = load_config(CONF_DIR / "finetune_mvit_b_16x4.yaml", ["model.pretrained=k400.pt"])
+    assert finetune.train.layer_decay < 1 and finetune.train.lr < recipe.lr and finetune.model.num_classes == 0
