@@ -1,4 +1,4 @@
-"""`python -m jobs.benchmark {model,data,pipeline,gpu-check} ...`: speed and size figures; BENCHMARKS.md records
+"""`python -m jobs.benchmark {model,data,pipeline,augment,gpu-check} ...`: speed and size figures; BENCHMARKS.md records
 them."""
 
 from __future__ import annotations
@@ -6,13 +6,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.benchmark import data, gpu_check, model, pipeline
+from jobs.benchmark import augment, data, gpu_check, model, pipeline
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="jobs.benchmark", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, module in (("model", model), ("data", data), ("pipeline", pipeline), ("gpu-check", gpu_check)):
+    for name, module in (
+        ("model", model),
+        ("data", data),
+        ("pipeline", pipeline),
+        ("augment", augment),
+        ("gpu-check", gpu_check),
+    ):
         sub = commands.add_parser(name, help=module.__doc__.splitlines()[0] if module.__doc__ else name)
         module.add_arguments(sub)
         sub.set_defaults(run=module.run)
