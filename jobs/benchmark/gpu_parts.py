@@ -315,6 +315,7 @@ def ray_train(ctx: Context, precision: str) -> dict[str, Any]:
         f"run.name=gpu-check-{precision}",
         "mlflow.experiment=gpu-check",
         "mlflow.log_models=false",
+        f"mlflow.system_metrics={str(gpu).lower()}",  # the GPU's metrics; on the CPU its monitor only adds seconds
         "train.epochs=1",
         f"train.batch_size={ctx.sizes.ray_batch}",
         f"data.num_clips={ctx.sizes.ray_num_clips}",
