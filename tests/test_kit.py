@@ -20,7 +20,7 @@ from pipeline.data.augment import RandomErasing
 from pipeline.data.transforms import Normalise
 from pipeline.training.ema import WeightEma
 from pipeline.training.mixup import MixupCutmix
-from pipeline.training.optim import layer_of, parameter_groups, set_lr
+from pipeline.training.optim import ensure_fused, layer_of, parameter_groups, set_lr
 from pipeline.training.step import TrainStep, lr_schedule
 from pipeline.training.window import NonFiniteLossError, StepWindow
 
@@ -129,6 +129,19 @@ def test_steps_read_nothing_on_the_host_until_the_window_flushes(monkeypatch, pr
     assert reads == []
     figures, in_streak = window.flush(step.lr)
     assert reads == ["tolist"] and not in_streak and set(figures) >= {"train/loss", "train/clips_per_sec"}
+
+
+def test_an_optimizer_restored_from_a_non_fused_checkpoint_still_skips_on_the_device():
+    model = tiny_model()
+    groups = [{key: value for key, value in g.items() if key != "lr_scale"} for g in parameter_groups(model, 0.05)]
+    old = torch.optim.AdamW(groups, lr=1e-3)  # as checkpoints saved it before the step was fused
+    step = make_step(model, model, train_config())
+    step.optimizer.load_state_dict(old.state_dict())
+    ensure_fused(step.optimizer)
+    step.normalise.std.zero_()
+    weights = [p.detach().clone() for p in model.parameters()]
+    assert not bool(step(batches(1, 2)[0], 0.0)[1])
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
 
 
 def test_the_bad_step_streak_stops_at_the_step_that_passes_the_limit():

@@ -284,6 +284,18 @@ def _demo(ctx: Context) -> Any:
     return ctx.demo
 
 
+def _indexes(ctx: Context) -> tuple[str, str]:
+    """The demo's train and val manifests probed once, so that no run of part 4 probes them again."""
+    from pipeline.data import index
+
+    demo, folder = _demo(ctx), ctx.out / "index"
+    if not (folder / "val.parquet").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        index.build_index(demo.train_manifest, folder / "train.parquet")
+        index.build_index(demo.val_manifest, folder / "val.parquet")
+    return str(folder / "train.parquet"), str(folder / "val.parquet")
+
+
 def _store(ctx: Context) -> list[str]:
     return [f"run.storage_path={ctx.out / 'runs'}", f"mlflow.tracking_uri=sqlite:///{ctx.out / 'mlflow.db'}"]
 
@@ -305,12 +317,13 @@ def ray_train(ctx: Context, precision: str) -> dict[str, Any]:
     from pipeline.config import load_config
     from pipeline.training.driver import run_training
 
-    demo, gpu = _demo(ctx), ctx.device.type == "cuda"
+    connect(None, None if ctx.device.type == "cuda" else 4)
+    (train, val), gpu = _indexes(ctx), ctx.device.type == "cuda"
     compiled = precision == "bf16" and ctx.sizes.compile
     overrides = [
-        f"data.train={demo.train_manifest}",
-        f"data.val={demo.val_manifest}",
-        f"data.labels={demo.label_map}",
+        f"data.train={train}",
+        f"data.val={val}",
+        f"data.labels={_demo(ctx).label_map}",
         *_store(ctx),
         f"run.name=gpu-check-{precision}",
         "mlflow.experiment=gpu-check",
@@ -325,7 +338,6 @@ def ray_train(ctx: Context, precision: str) -> dict[str, Any]:
         "scaling.num_workers=1",
         f"scaling.use_gpu={str(gpu).lower()}",
     ]
-    connect(None, None if gpu else 4)
     start = time.perf_counter()
     outcome = run_training(load_config(overrides=overrides), base=ctx.out)
     ctx.checkpoint = ctx.checkpoint or str(outcome.result.checkpoint.path)
@@ -346,9 +358,12 @@ def evaluate(ctx: Context) -> dict[str, Any]:
 
     if ctx.checkpoint is None:
         raise RuntimeError("no checkpoint: both Ray Train runs failed")
+    from pipeline.cluster import connect
+
+    connect(None, None if ctx.device.type == "cuda" else 4)
     overrides = [
         f"model={ctx.checkpoint}",
-        f"data.test={_demo(ctx).val_manifest}",
+        f"data.test={_indexes(ctx)[1]}",
         f"data.test_clips={ctx.sizes.ray_num_clips}",
         f"evaluate.use_gpu={str(ctx.device.type == 'cuda').lower()}",
         "evaluate.replicas=1",

@@ -73,6 +73,13 @@ def build_optimizer(model: nn.Module, groups: list[dict], lr: float, betas: tupl
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
 
 
+def ensure_fused(optimizer: torch.optim.Optimizer) -> None:
+    """After `load_state_dict`: a checkpoint saved by a non-fused AdamW brings `fused=None` into the groups, and only
+    the fused step can skip a non-finite step on the device."""
+    for group in optimizer.param_groups:
+        group["fused"], group["foreach"] = True, None
+
+
 @dataclass(frozen=True)
 class WarmupCosine:
     """lr at a fractional epoch: linear from `warmup_start_lr` to `peak_lr`, then half-cosine down to `min_lr`."""

@@ -22,6 +22,7 @@ from pipeline.tracking import TrainingLogger
 from pipeline.training.checkpointer import Checkpointer, LoopState
 from pipeline.training.job import TrainJob
 from pipeline.training.mixup import MixupCutmix
+from pipeline.training.optim import ensure_fused
 from pipeline.training.step import Batch, TrainStep
 from pipeline.training.validation import validate
 from pipeline.training.window import NonFiniteLossError, StepWindow
@@ -88,6 +89,7 @@ class WorkerLoop:
         )
         self.checkpointer = Checkpointer(job, self.rank, bare, self.step.optimizer, self.step.scaler, self.step.ema)
         self.checkpointer.restore(self.device)
+        ensure_fused(self.step.optimizer)
         self.logger = TrainingLogger.open(job, self.checkpointer.run_id) if self.rank == 0 else None
         if self.logger is not None:
             self.checkpointer.on_commit = self.logger.commit
