@@ -7,6 +7,7 @@ import argparse
 import gc
 import platform
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -411,7 +412,10 @@ def _decode_rate(video: Path, repeat: int, cpus: int, augments: tuple) -> float:
 
     index = pa.Table.from_pylist([{"path": str(video), "label": 0, **info_to_row(probe(video))}] * repeat)
     transform = TrainTransform(224, (256, 320), True, (0.08, 1.0), (0.75, 1.3333), True, augments)
-    tasks = DecodeTasks(cpus=1.0, concurrency=cpus, resources={}, videos_per_task=1, skip_counter="gpu-check")
+    # a fresh counter name per dataset: the counter of the previous one may still be shutting down under that name
+    tasks = DecodeTasks(
+        cpus=1.0, concurrency=cpus, resources={}, videos_per_task=1, skip_counter=f"gpu-check-{uuid.uuid4().hex[:8]}"
+    )
     dataset = train_dataset(index, spec=ClipSpec(16, 4, 30.0), transform=transform, num_clips=2, tasks=tasks)
     start, clips = time.perf_counter(), 0
     for batch in dataset.iter_batches(batch_size=8, batch_format="numpy"):
