@@ -59,6 +59,41 @@ def build_model(job: TrainJob) -> tuple[mvit.MViT, str | None]:
     return model, (f"{loaded}; fine-tuning a new head: {head}" if head else f"{loaded}, head included")
 
 
+def device_augments(
+    job: TrainJob, seed: int, device: torch.device
+) -> tuple[Normalise, RandomErasing | None, MixupCutmix]:
+    """What the step does to a batch on the device before the forward: normalise, erase, mix."""
+    cfg = job.config
+    augment = cfg.data.augment
+    erasing = None
+    if augment.erase_prob > 0:
+        erasing = RandomErasing(
+            augment.erase_prob, augment.erase_mode, augment.erase_count, np.random.default_rng(seed)
+        )
+    mixup = MixupCutmix.from_config(cfg.train, job.num_classes, seed=seed)
+    return Normalise(cfg.data.mean, cfg.data.std, device), erasing, mixup
+
+
+def skipped_this_epoch(job: TrainJob, state: LoopState) -> int:
+    """Videos skipped since the epoch began (and the counter's total noted for the next epoch)."""
+    skipped_now = ray.get(skip_counter(job.skip_counter).totals.remote()).skipped
+    before, state.skipped_before = state.skipped_before, skipped_now
+    # A driver that died and came back brings a new counter that starts from zero.
+    return skipped_now - before if skipped_now >= before else skipped_now
+
+
+def open_logger(job: TrainJob, checkpointer: Checkpointer, pretrained_line: str | None) -> TrainingLogger:
+    """Rank 0's MLflow run, committing what the checkpointer commits; says once what loading the weights did."""
+    logger = TrainingLogger.open(job, checkpointer.run_id)
+    checkpointer.on_commit = logger.commit
+    # Metrics of a checkpoint that was reported but not yet committed when the last attempt died.
+    logger.commit(checkpointer.state.pending)
+    if pretrained_line:
+        print(pretrained_line, flush=True)
+        logger.log_text(pretrained_line + "\n", "pretrained.txt")
+    return logger
+
+
 class WorkerLoop:
     """One worker's run: epochs of training steps, then (every N epochs) validation and a checkpoint."""
 
@@ -73,31 +108,13 @@ class WorkerLoop:
         self.model = ray.train.torch.prepare_model(model)
         if cfg.train.compile:
             self.model = torch.compile(self.model)
-        self.normalise = Normalise(cfg.data.mean, cfg.data.std, self.device)
-        seed = cfg.train.seed + self.rank
-        mixup = MixupCutmix.from_config(cfg.train, job.num_classes, seed=seed)
-        augment = cfg.data.augment
-        erasing = None
-        if augment.erase_prob > 0:
-            erasing = RandomErasing(
-                augment.erase_prob, augment.erase_mode, augment.erase_count, np.random.default_rng(seed)
-            )
-        world = context.get_world_size()
-        bare = unwrap(self.model)
-        self.step = TrainStep.build(
-            self.model, bare, cfg.train, world, (self.normalise, erasing, mixup), self.precision
-        )
+        augments = device_augments(job, cfg.train.seed + self.rank, self.device)
+        self.normalise, bare = augments[0], unwrap(self.model)
+        self.step = TrainStep.build(self.model, bare, cfg.train, context.get_world_size(), augments, self.precision)
         self.checkpointer = Checkpointer(job, self.rank, bare, self.step.optimizer, self.step.scaler, self.step.ema)
         self.checkpointer.restore(self.device)
         ensure_fused(self.step.optimizer)
-        self.logger = TrainingLogger.open(job, self.checkpointer.run_id) if self.rank == 0 else None
-        if self.logger is not None:
-            self.checkpointer.on_commit = self.logger.commit
-            # Metrics of a checkpoint that was reported but not yet committed when the last attempt died.
-            self.logger.commit(self.checkpointer.state.pending)
-            if self.pretrained_line:
-                print(self.pretrained_line, flush=True)
-                self.logger.log_text(self.pretrained_line + "\n", "pretrained.txt")
+        self.logger = open_logger(job, self.checkpointer, self.pretrained_line) if self.rank == 0 else None
 
     @property
     def state(self) -> LoopState:
@@ -160,13 +177,6 @@ class WorkerLoop:
             figures.update({key.replace("val/", "val_ema/"): value for key, value in ema.items()})
         return figures
 
-    def _skipped_this_epoch(self) -> int:
-        skipped_now = ray.get(skip_counter(self.job.skip_counter).totals.remote()).skipped
-        before = self.state.skipped_before
-        self.state.skipped_before = skipped_now
-        # A driver that died and came back brings a new counter that starts from zero.
-        return skipped_now - before if skipped_now >= before else skipped_now
-
     def _logged_model(self) -> nn.Module:
         """The weights `train.model_to_log` names: the raw model or its EMA."""
         return self.step.ema.module if self.job.config.train.model_to_log == "ema" else unwrap(self.model)
@@ -178,7 +188,7 @@ class WorkerLoop:
         finished = self.state.epoch + 1
         last = finished == train.epochs
         val = self.validate() if last or finished % train.eval_every_epochs == 0 else {}
-        skipped = self._skipped_this_epoch()
+        skipped = skipped_this_epoch(self.job, self.state)
         if self.rank == 0:
             for key, value in val.items():
                 self.checkpointer.record(key, value)
