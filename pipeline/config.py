@@ -17,12 +17,14 @@ from omegaconf.errors import OmegaConfBaseException
 
 from conf import CONF_DIR
 from mvit.sources import SOURCES as PRETRAINED_SOURCES
+from pipeline.data.augment import ERASE_MODES, parse_rand_augment
 from pipeline.errors import ConfigError
 from pipeline.precision import PRECISIONS
 
 DEFAULT_CONFIG = CONF_DIR / "default.yaml"
 CROP_MODES = ("short_side_jitter", "inception")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+INTERPOLATIONS = ("bilinear", "bicubic")
 
 
 @dataclass
@@ -47,6 +49,13 @@ class AugmentConfig:
     min_aspect: float = MISSING
     max_aspect: float = MISSING
     flip: bool = MISSING
+    crop_interpolation: str = MISSING  # bilinear | bicubic: resizing the crop box to crop_size²
+    rand_augment: str = MISSING  # timm's RandAugment string, e.g. rand-m7-n4-mstd0.5-inc1; "" = off
+    rand_augment_interpolation: str = MISSING  # bilinear | bicubic | random: RandAugment's rotate/shear/translate
+    color_jitter: float = MISSING  # brightness, contrast and saturation jitter strength; 0 = off
+    erase_prob: float = MISSING  # random erasing, per clip (on the training device, after normalisation); 0 = off
+    erase_mode: str = MISSING  # pixel | rand | const: what fills the erased box
+    erase_count: int = MISSING  # at most this many boxes per clip
 
 
 @dataclass
@@ -107,6 +116,13 @@ class TrainConfig:
     checkpoint_every_steps: int = MISSING
     max_bad_steps: int = MISSING
     log_every_steps: int = MISSING
+    accumulate_steps: int = MISSING  # micro-batches per optimizer step: global batch = batch × workers × this
+    ema_decay: float = MISSING  # EMA of the weights after every optimizer step; 0 = no EMA
+    model_to_log: str = MISSING  # raw | ema: the weights that pick the best model and go to MLflow
+    layer_decay: float = MISSING  # layer-wise lr decay (head 1, each block below × this); 1 = off
+    zero_decay_pos_cls: bool = MISSING  # exempt positional embeddings and the class token from weight decay
+    eval_every_epochs: int = MISSING  # validate every N epochs (and always after the last)
+    checkpoint_every_epochs: int = MISSING  # checkpoint every N epochs (and after the last)
 
 
 @dataclass
@@ -224,8 +240,12 @@ def load_config(
 
 def _check_choices(cfg: DictConfig, evaluation: bool) -> None:
     """Values that the schema types can't express: choices and ranges."""
+    augment = cfg.data.augment
     choices = {
-        "data.augment.crop": (cfg.data.augment.crop, CROP_MODES),
+        "data.augment.crop": (augment.crop, CROP_MODES),
+        "data.augment.crop_interpolation": (augment.crop_interpolation, INTERPOLATIONS),
+        "data.augment.rand_augment_interpolation": (augment.rand_augment_interpolation, (*INTERPOLATIONS, "random")),
+        "data.augment.erase_mode": (augment.erase_mode, ERASE_MODES),
         "run.ray_train_log_level": (cfg.run.ray_train_log_level, LOG_LEVELS),
     }
     if evaluation:
@@ -234,6 +254,7 @@ def _check_choices(cfg: DictConfig, evaluation: bool) -> None:
     else:
         choices["train.precision"] = (cfg.train.precision, PRECISIONS)
         choices["model.pretrained_source"] = (cfg.model.pretrained_source, PRETRAINED_SOURCES)
+        choices["train.model_to_log"] = (cfg.train.model_to_log, ("raw", "ema"))
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"config key '{key}': '{value}' is not one of {', '.join(allowed)}")
@@ -258,6 +279,46 @@ def _check_choices(cfg: DictConfig, evaluation: bool) -> None:
         raise ConfigError(f"config key 'data.test_crops': must be 1 or 3, got {cfg.data.test_crops}")
     if cfg.scaling.max_failures < -1:
         raise ConfigError(f"config key 'scaling.max_failures': must be >= -1, got {cfg.scaling.max_failures}")
+    _check_augment(augment)
+    if not evaluation:
+        _check_kit(cfg)
+
+
+def _check_range(key: str, value: float, low: float, high: float, closed_high: bool = True) -> None:
+    if not (low <= value <= high if closed_high else low <= value < high):
+        bracket = "]" if closed_high else ")"
+        raise ConfigError(f"config key '{key}': must be in [{low}, {high}{bracket}, got {value}")
+
+
+def _check_augment(augment: DictConfig) -> None:
+    try:
+        parse_rand_augment(augment.rand_augment)
+    except ValueError as error:
+        raise ConfigError(f"config key 'data.augment.rand_augment': {error}") from None
+    _check_range("data.augment.color_jitter", augment.color_jitter, 0.0, 1.0)
+    if augment.rand_augment and augment.color_jitter > 0:
+        raise ConfigError(
+            "config key 'data.augment.color_jitter': has no effect while data.augment.rand_augment is set "
+            "(timm's rule, and PySlowFast's Kinetics loader never applies it); set it to 0"
+        )
+    _check_range("data.augment.erase_prob", augment.erase_prob, 0.0, 1.0)
+    if augment.erase_count < 1:
+        raise ConfigError(f"config key 'data.augment.erase_count': must be >= 1, got {augment.erase_count}")
+
+
+def _check_kit(cfg: DictConfig) -> None:
+    """The training kit's keys: accumulation, EMA, layer decay, periods."""
+    train = cfg.train
+    for key in ("accumulate_steps", "eval_every_epochs", "checkpoint_every_epochs"):
+        if train[key] < 1:
+            raise ConfigError(f"config key 'train.{key}': must be >= 1, got {train[key]}")
+    _check_range("train.ema_decay", train.ema_decay, 0.0, 1.0, closed_high=False)
+    if train.layer_decay <= 0 or train.layer_decay > 1:
+        raise ConfigError(f"config key 'train.layer_decay': must be in (0, 1], got {train.layer_decay}")
+    if train.layer_decay < 1 and not cfg.model.pretrained:
+        raise ConfigError("config key 'model.pretrained': not set, but train.layer_decay < 1 is for fine-tuning")
+    if train.model_to_log == "ema" and train.ema_decay == 0:
+        raise ConfigError("config key 'train.model_to_log': 'ema' needs train.ema_decay > 0 (no EMA is kept)")
 
 
 def typed(cfg: DictConfig) -> TrainingJobConfig | EvaluationJobConfig:

@@ -12,7 +12,7 @@ import logging
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray.train
 import torch
@@ -21,6 +21,9 @@ from torch import nn
 from pipeline import checkpoints
 from pipeline.tracking import Metric, now_ms
 from pipeline.training.job import TrainJob
+
+if TYPE_CHECKING:
+    from pipeline.training.ema import WeightEma
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +50,10 @@ class Checkpointer:
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         scaler: torch.amp.GradScaler,
+        ema: WeightEma | None = None,
     ) -> None:
         self.job, self.rank = job, rank
-        self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.model, self.optimizer, self.scaler, self.ema = model, optimizer, scaler, ema
         self.state = LoopState()
         self.best_model: dict[str, torch.Tensor] | None = None
         self.run_id = job.mlflow_run_id
@@ -67,6 +71,8 @@ class Checkpointer:
         self.optimizer.load_state_dict(saved["optimizer"])
         if saved["scaler"]:  # empty when saved without fp16: a run may switch precision when it resumes
             self.scaler.load_state_dict(saved["scaler"])
+        if self.ema is not None:  # a checkpoint saved without EMA starts it from the restored weights
+            self.ema.load_state_dict(saved.get("ema") or saved["model"])
         self.state = LoopState(**saved["loop"])
         self.best_model = saved.get("best_model")
         self.run_id = saved["mlflow_run_id"]
@@ -76,9 +82,11 @@ class Checkpointer:
         """Buffer one metric at the current step until the next checkpoint commits it."""
         self.state.pending.append((key, float(value), self.state.step, now_ms()))
 
-    def keep_best(self) -> None:
-        """The current weights become the best model (a CPU copy, carried by every later checkpoint)."""
-        self.best_model = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+    def keep_best(self, model: nn.Module | None = None) -> None:
+        """The current weights of `model` (default: the trained model; the EMA where it is the model to log) become
+        the best model (a CPU copy, carried by every later checkpoint)."""
+        chosen = model if model is not None else self.model
+        self.best_model = {k: v.detach().cpu().clone() for k, v in chosen.state_dict().items()}
 
     def save(self, metrics: dict[str, Any]) -> None:
         """Report `metrics` with a checkpoint (rank 0 writes it), then commit the buffered metrics to MLflow."""
@@ -105,6 +113,7 @@ class Checkpointer:
             "scaler": self.scaler.state_dict(),
             "loop": dataclasses.asdict(self.state),
             "best_model": self.best_model,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
             "mlflow_run_id": self.run_id,
             "config": dataclasses.asdict(job.config),
         }

@@ -29,6 +29,7 @@ import mvit
 from pipeline import tracking
 from pipeline.config import DataConfig, ModelConfig, TrainingJobConfig, typed
 from pipeline.data import index, manifest
+from pipeline.data.augment import clip_augments
 from pipeline.data.dataset import DecodeTasks, train_dataset, val_dataset
 from pipeline.data.demo import DemoDataset, make_demo_dataset
 from pipeline.data.sampling import ClipSpec
@@ -178,7 +179,7 @@ def check_num_classes(num_classes: int, labels: list[str], labels_path: str) -> 
 
 
 def train_transform(data: DataConfig) -> TrainTransform:
-    """The training crops and flips that `data.crop_size` and `data.augment` describe."""
+    """The training crops, flips and clip augmentations that `data.crop_size` and `data.augment` describe."""
     augment = data.augment
     return TrainTransform(
         crop_size=data.crop_size,
@@ -187,6 +188,8 @@ def train_transform(data: DataConfig) -> TrainTransform:
         crop_area=(augment.min_area, augment.max_area),
         crop_aspect=(augment.min_aspect, augment.max_aspect),
         flip=augment.flip,
+        augments=clip_augments(augment.rand_augment, augment.rand_augment_interpolation, augment.color_jitter),
+        interpolation=augment.crop_interpolation,
     )
 
 
@@ -233,7 +236,10 @@ def build_trainer(cfg: TrainingJobConfig, config_yaml: str, plan: DataPlan, run_
         num_classes=cfg_classes(cfg, plan),
         input_size=(data.num_frames, data.crop_size, data.crop_size),
         excluded=plan.excluded,
-        steps_per_epoch=max(clips_per_epoch // (train.batch_size * cfg.scaling.num_workers), 1),
+        # optimizer steps: each takes train.accumulate_steps batches on every worker
+        steps_per_epoch=max(
+            clips_per_epoch // (train.batch_size * cfg.scaling.num_workers * train.accumulate_steps), 1
+        ),
         mlflow_run_id=run_id,
         skip_counter=skip_counter,
         epoch_clock=epoch_clock,
