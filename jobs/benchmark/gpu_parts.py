@@ -325,6 +325,7 @@ def ray_train(ctx: Context, precision: str) -> dict[str, Any]:
         f"data.train={train}",
         f"data.val={val}",
         f"data.labels={_demo(ctx).label_map}",
+        f"data.root={_demo(ctx).root}",  # the indexes name the demo's videos, which lie under its root
         *_store(ctx),
         f"run.name=gpu-check-{precision}",
         "mlflow.experiment=gpu-check",
@@ -353,7 +354,7 @@ def ray_train(ctx: Context, precision: str) -> dict[str, Any]:
 
 def evaluate(ctx: Context) -> dict[str, Any]:
     """`jobs.evaluate` of the check's first checkpoint on one model replica on the device."""
-    from jobs.cli import overridden_keys
+    from jobs.cli import explicit_keys
     from pipeline.config import load_config, typed
     from pipeline.evaluation.batch import run_evaluation
 
@@ -365,6 +366,7 @@ def evaluate(ctx: Context) -> dict[str, Any]:
     overrides = [
         f"model={ctx.checkpoint}",
         f"data.test={_indexes(ctx)[1]}",
+        f"data.root={_demo(ctx).root}",
         f"data.test_clips={ctx.sizes.ray_num_clips}",
         f"evaluate.use_gpu={str(ctx.device.type == 'cuda').lower()}",
         "evaluate.replicas=1",
@@ -372,7 +374,7 @@ def evaluate(ctx: Context) -> dict[str, Any]:
         *_store(ctx),
     ]
     cfg = load_config(overrides=overrides, evaluation=True)
-    report = run_evaluation(typed(cfg), overridden_keys(overrides), ctx.out)
+    report = run_evaluation(typed(cfg), explicit_keys(overrides), ctx.out)
     return {
         **_finished(cfg.mlflow.tracking_uri, report.run_id),
         "top1": report.result.top1,
@@ -416,7 +418,8 @@ def _decode_rate(video: Path, repeat: int, cpus: int, augments: tuple) -> float:
     tasks = DecodeTasks(
         cpus=1.0, concurrency=cpus, resources={}, videos_per_task=1, skip_counter=f"gpu-check-{uuid.uuid4().hex[:8]}"
     )
-    dataset = train_dataset(index, spec=ClipSpec(16, 4, 30.0), transform=transform, num_clips=2, tasks=tasks)
+    spec = ClipSpec(16, 4, 30.0)
+    dataset = train_dataset(index, spec=spec, transform=transform, num_clips=2, tasks=tasks, seed=0, epoch=0)
     start, clips = time.perf_counter(), 0
     for batch in dataset.iter_batches(batch_size=8, batch_format="numpy"):
         clips += len(batch["label"])
