@@ -17,11 +17,14 @@ from omegaconf.errors import OmegaConfBaseException
 
 from conf import CONF_DIR
 from mvit import SOURCES as PRETRAINED_SOURCES
+from mvit import list_models
 from pipeline.errors import ConfigError
 from pipeline.precision import PRECISIONS
 
 DEFAULT_CONFIG = CONF_DIR / "default.yaml"
 CROP_MODES = ("short_side_jitter", "inception")
+POOL_MEMORY_FORMATS = ("contiguous", "channels_last_3d")
+RESUME_LATEST = "latest"
 
 
 @dataclass
@@ -119,9 +122,11 @@ class ScalingConfig:
 
 @dataclass
 class RunConfig:
-    name: str = MISSING
+    name: str = MISSING  # "": a new name from the preset, the dataset and the time
     storage_path: str = MISSING
     checkpoints_to_keep: int = MISSING
+    resume: str = MISSING  # "": a new run; latest: continue run.name (or start it); a checkpoint folder
+    allow_recipe_change: bool = MISSING  # resume although recipe keys differ from the checkpoint's
 
 
 @dataclass
@@ -250,6 +255,107 @@ def _check_choices(cfg: DictConfig, evaluation: bool) -> None:
         raise ConfigError(f"config key 'data.test_crops': must be 1 or 3, got {cfg.data.test_crops}")
     if cfg.scaling.max_failures < -1:
         raise ConfigError(f"config key 'scaling.max_failures': must be >= -1, got {cfg.scaling.max_failures}")
+    _check_ranges(cfg, evaluation)
+
+
+# What a worker would otherwise fail on, minutes in: (key, lowest, highest, whether the lowest is allowed).
+SHARED_RANGES = [
+    ("data.target_fps", 0, None, False),
+    ("data.test_short_side", 0, None, False),
+    ("data.cpus_per_task", 0, None, False),
+    ("data.decode_concurrency", 0, None, False),
+    ("data.videos_per_task", 0, None, False),
+    ("data.prefetch_batches", 0, None, True),
+    ("data.augment.min_short_side", 0, None, False),
+    ("data.augment.min_area", 0, 1, False),
+    ("data.augment.max_area", 0, 1, False),
+    ("data.augment.min_aspect", 0, None, False),
+    ("data.demo.videos_per_class", 0, None, False),
+    ("data.demo.seed", 0, None, True),
+    ("scaling.cpus_per_worker", 0, None, False),
+    ("run.checkpoints_to_keep", 1, None, True),
+]
+TRAINING_RANGES = [
+    ("model.num_classes", 0, None, True),
+    ("model.drop_path_rate", 0, 1, True),
+    ("model.head_dropout", 0, 1, True),
+    ("train.lr_reference_batch", 0, None, False),
+    ("train.log_every_steps", 0, None, False),
+    ("train.grad_clip", 0, None, False),
+    ("train.min_lr", 0, None, True),
+    ("train.warmup_epochs", 0, None, True),
+    ("train.warmup_start_lr", 0, None, True),
+    ("train.weight_decay", 0, None, True),
+    ("train.label_smoothing", 0, 1, True),
+    ("train.mixup_alpha", 0, None, True),
+    ("train.cutmix_alpha", 0, None, True),
+    ("train.mixup_prob", 0, 1, True),
+    ("train.mixup_switch_prob", 0, 1, True),
+    ("train.seed", 0, None, True),
+    ("train.checkpoint_every_steps", 0, None, True),
+    ("train.max_bad_steps", 0, None, True),
+]
+EVALUATION_RANGES = [("evaluate.cpus_per_replica", 0, None, False), ("evaluate.videos_per_task", 0, None, False)]
+
+
+def _check_range(key: str, value: float, low: float, high: float | None, low_allowed: bool) -> None:
+    if value < low or (value == low and not low_allowed) or (high is not None and value > high):
+        bound = f"{'>=' if low_allowed else '>'} {low}" + (f" and <= {high}" if high is not None else "")
+        raise ConfigError(f"config key '{key}': must be {bound}, got {value}")
+
+
+def _check_ranges(cfg: DictConfig, evaluation: bool) -> None:
+    """Ranges, orders and choices of every key that would otherwise fail only inside a worker or a decode task."""
+    ranges = SHARED_RANGES + (EVALUATION_RANGES if evaluation else TRAINING_RANGES)
+    for key, low, high, low_allowed in ranges:
+        _check_range(key, OmegaConf.select(cfg, key), low, high, low_allowed)
+    data, augment = cfg.data, cfg.data.augment
+    for first, second in [("min_short_side", "max_short_side"), ("min_area", "max_area"), ("min_aspect", "max_aspect")]:
+        if augment[first] > augment[second]:
+            raise ConfigError(
+                f"config key 'data.augment.{first}': {augment[first]} is above data.augment.{second}={augment[second]}"
+            )
+    if augment.crop == "short_side_jitter" and data.crop_size > augment.min_short_side:
+        raise ConfigError(
+            f"config key 'data.crop_size': {data.crop_size} is above the short side it is cut from "
+            f"(data.augment.min_short_side={augment.min_short_side})"
+        )
+    if data.crop_size > data.test_short_side:
+        raise ConfigError(
+            f"config key 'data.crop_size': {data.crop_size} is above data.test_short_side={data.test_short_side}, "
+            "the short side validation crops are cut from"
+        )
+    for key in ("mean", "std"):
+        values = list(data[key])
+        if len(values) != 3 or (key == "std" and min(values) <= 0):
+            positive = ", all > 0" if key == "std" else ""
+            raise ConfigError(f"config key 'data.{key}': needs 3 values, one per RGB channel{positive}; got {values}")
+    for name, amount in data.decode_resources.items():
+        _check_range(f"data.decode_resources.{name}", amount, 0, None, False)
+    if cfg.scaling.num_cpus is not None:
+        _check_range("scaling.num_cpus", cfg.scaling.num_cpus, 0, None, False)
+    _check_run(cfg)
+    if evaluation:
+        if cfg.model_name is not None and cfg.model_name not in list_models():
+            raise ConfigError(f"config key 'model_name': '{cfg.model_name}' is not one of {', '.join(list_models())}")
+        return
+    choices = {"model.name": list_models(), "model.pool_memory_format": POOL_MEMORY_FORMATS}
+    for key, allowed in choices.items():
+        if OmegaConf.select(cfg, key) not in allowed:
+            raise ConfigError(f"config key '{key}': '{OmegaConf.select(cfg, key)}' is not one of {', '.join(allowed)}")
+    for beta in cfg.train.betas:
+        if not 0 <= beta < 1:
+            raise ConfigError(f"config key 'train.betas': each must be >= 0 and < 1, got {list(cfg.train.betas)}")
+
+
+def _check_run(cfg: DictConfig) -> None:
+    """`run.name` is one folder inside `run.storage_path`: no separators, no `..`, nothing that leaves it."""
+    name = cfg.run.name
+    if name in (".", "..") or any(char in name for char in "/\\\0") or name != name.strip():
+        raise ConfigError(f"config key 'run.name': {name!r} must be a plain folder name inside run.storage_path")
+    for key in ("run.storage_path", "mlflow.tracking_uri", "mlflow.experiment"):
+        if not OmegaConf.select(cfg, key):
+            raise ConfigError(f"config key '{key}': must not be empty")
 
 
 def typed(cfg: DictConfig) -> TrainingJobConfig | EvaluationJobConfig:

@@ -3,6 +3,7 @@
 Nothing else in the project imports mlflow, so what a run holds is decided here.
 """
 
+from pipeline.tracking.continuation import continue_run, create_run, credentials_to_environment
 from pipeline.tracking.runs import (
     Metric,
     RunLogger,
@@ -19,6 +20,9 @@ __all__ = [
     "Metric",
     "RunLogger",
     "TrainingLogger",
+    "continue_run",
+    "create_run",
+    "credentials_to_environment",
     "end_run",
     "get_or_create_run",
     "now_ms",

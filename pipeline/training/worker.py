@@ -204,4 +204,4 @@ class WorkerLoop:
 
 def train_loop_per_worker(job: TrainJob) -> None:
     """Ray Train entry point (one call per worker, and again on every restart of the worker group)."""
-    WorkerLoop(job).fit()
+    WorkerLoop(job.resolved()).fit()
