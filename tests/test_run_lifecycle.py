@@ -171,3 +171,25 @@ def test_a_lock_of_another_host_is_stale_only_without_heartbeat(tmp_path):
     lock = RunLock(tmp_path / "r", "r")
     assert "took over" in lock.acquire()
     lock.release()
+
+
+def test_a_resume_reopens_its_mlflow_run_unless_the_store_lost_it_or_it_branches(mlflow_uri):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import continue_run, create_run
+
+    client = MlflowClient(mlflow_uri)
+    old = create_run(mlflow_uri, "mvit", "/runs/r", "r")
+    for step in (1, 2, 3, 4):
+        client.log_metric(old, "train/loss", 1.0, step=step)
+    assert continue_run(mlflow_uri, "mvit", "/runs/r", "r", old, 4, branch=True) == (old, None)
+    assert continue_run(mlflow_uri, "mvit", "/runs/r", "r", old, 2, branch=False) == (old, None)  # a fallback
+    branched, note = continue_run(mlflow_uri, "mvit", "/runs/r", "r", old, 2, branch=True)
+    assert branched != old and "went on past the checkpoint's step 2 (to step 4)" in note
+    lost, note = continue_run(mlflow_uri, "mvit", "/runs/r", "r", "0123456789abcdef0123456789abcdef", 2, branch=False)
+    assert "is not in the store" in note and "(lost or recreated)" in note
+    tags = client.get_run(lost).data.tags
+    assert (
+        tags["mvit.resumed_from_run_id"] == "0123456789abcdef0123456789abcdef" and tags["mvit.resumed_at_step"] == "2"
+    )
+    assert client.get_run(lost).info.run_name == "r"

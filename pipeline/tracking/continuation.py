@@ -1,9 +1,11 @@
 """The MLflow run of a training command: a new named run, or the run its checkpoint was logging to.
 
-A checkpoint carries the id of its MLflow run. Resuming reopens that run when the store still has it and it has not
-gone past the checkpoint's step. When the store was lost or recreated (the id is unknown), or the run went on past
-the checkpoint (a resume from an older one), the resumed run is a new MLflow run tagged with the old id and step:
-MLflow keeps one line of steps per run, and a branch must not hide behind steps the old run already holds.
+A checkpoint carries the id of its MLflow run. Resuming reopens that run when the store still has it. When the store
+was lost or recreated (the id is unknown), the resumed run is a new MLflow run tagged with the old id and step. So
+is a branch: a resume from a chosen older checkpoint of a run that went on past it (MLflow keeps one line of steps
+per run, and the branch's steps must not hide behind the ones the old run already holds). Continuing the latest
+checkpoint that loads, after a newer one broke, is no branch: as after a worker restart, the steps done again are
+not logged twice.
 """
 
 from __future__ import annotations
@@ -59,13 +61,20 @@ def _last_step(client, run_id: str) -> int | None:
 
 
 def continue_run(
-    tracking_uri: str, experiment: str, run_key: str, run_name: str, previous: str | None, step: int
+    tracking_uri: str,
+    experiment: str,
+    run_key: str,
+    run_name: str,
+    previous: str | None,
+    step: int,
+    branch: bool,
 ) -> tuple[str, str | None]:
-    """The run to continue a checkpoint of MLflow run `previous` at `step` in, and a note if it is a new one."""
+    """The run to continue a checkpoint of MLflow run `previous` at `step` in, and a note if it is a new one;
+    `branch`: the checkpoint was chosen by path, and a run that went past it is not continued."""
     from mlflow.tracking import MlflowClient
 
     last = _last_step(MlflowClient(tracking_uri), previous) if previous else None
-    if last is not None and last <= step:
+    if last is not None and (last <= step or not branch):
         return previous, None
     tags = {RESUMED_FROM_TAG: previous or "", RESUMED_AT_STEP_TAG: str(step)}
     run_id = create_run(tracking_uri, experiment, run_key, run_name, tags)

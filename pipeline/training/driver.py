@@ -274,34 +274,33 @@ def train(run: OpenRun) -> TrainingOutcome:
     data_plan = plan_data(config)
     start = f"from {plan.start} (step {plan.manifest['loop']['step']})" if plan.start else "from scratch"
     print(f"run '{plan.name}' in {plan.run_dir}: training {start}")
-    run_id = mlflow_run(config, plan)
-    mlflow = config.mlflow
-    print(f"MLflow run {run_id} in experiment '{mlflow.experiment}' at {shown_uri}")
+    tracking_uri = tracking.credentials_to_environment(config.mlflow.tracking_uri)  # this process's MLflow calls
+    run_id = mlflow_run(config, plan, tracking_uri)
+    print(f"MLflow run {run_id} in experiment '{config.mlflow.experiment}' at {shown_uri}")
     resume = ResumePoint(str(plan.start) if plan.start else None, plan.preexisting)
     job = make_job(config, data_plan, run_id, run.raw, resume, identity)
     try:
         result = fit(build_trainer(config, job.config_yaml, data_plan, run_id, job))
     except Exception:
-        tracking.end_run(mlflow.tracking_uri, run_id, "FAILED")  # a rerun reopens it
+        tracking.end_run(tracking_uri, run_id, "FAILED")  # a rerun reopens it
         raise
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float) and math.isfinite(v)}
-    return TrainingOutcome(run_id, mlflow.tracking_uri, result, metrics, plan.name, shown_uri)
+    return TrainingOutcome(run_id, tracking_uri, result, metrics, plan.name, shown_uri)
 
 
-def mlflow_run(config: TrainingJobConfig, plan: lifecycle.RunPlan) -> str:
+def mlflow_run(config: TrainingJobConfig, plan: lifecycle.RunPlan, tracking_uri: str) -> str:
     """The MLflow run this command logs to: its checkpoint's (or a new one tagged with it), else a new one."""
-    mlflow = config.mlflow
-    mlflow.tracking_uri = tracking.credentials_to_environment(mlflow.tracking_uri)
-    key = f"{config.run.storage_path}/{plan.name}"
+    experiment, key = config.mlflow.experiment, f"{config.run.storage_path}/{plan.name}"
     if plan.start is not None:
         previous, step = plan.manifest.get("mlflow_run_id"), plan.manifest["loop"]["step"]
-        run_id, note = tracking.continue_run(mlflow.tracking_uri, mlflow.experiment, key, plan.name, previous, step)
+        branch = config.run.resume != RESUME_LATEST  # a checkpoint chosen by path
+        run_id, note = tracking.continue_run(tracking_uri, experiment, key, plan.name, previous, step, branch)
         if note:
             print(note)
         return run_id
     if config.run.resume == RESUME_LATEST:  # started before but never checkpointed: the same MLflow run
-        return tracking.get_or_create_run(mlflow.tracking_uri, mlflow.experiment, key, plan.name)
-    return tracking.create_run(mlflow.tracking_uri, mlflow.experiment, key, plan.name)
+        return tracking.get_or_create_run(tracking_uri, experiment, key, plan.name)
+    return tracking.create_run(tracking_uri, experiment, key, plan.name)
 
 
 def already_finished(plan: lifecycle.RunPlan, config: TrainingJobConfig, shown_uri: str) -> TrainingOutcome:
