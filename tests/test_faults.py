@@ -431,6 +431,18 @@ def newest_folder(run_dir: Path) -> Path:
     return checkpoint_folders(run_dir)[0]
 
 
+def wait_until_registered(folder: Path, timeout: float = 120) -> None:
+    """Block until Ray Train has registered the checkpoint `folder` (it is then what `get_checkpoint()` gives a
+    restarted worker group): its name appears in the run's checkpoint manager snapshot."""
+    snapshot = folder.parent / "checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if snapshot.is_file() and folder.name in snapshot.read_text():
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"Ray Train did not register {folder} within {timeout} s")
+
+
 def same_command_while_running(overrides: list[str], ray_tmp: Path, env_extra: dict[str, str]) -> tuple:
     """The same command again, while the first still holds the run: (completed process, seconds it took)."""
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
@@ -450,8 +462,10 @@ def kill_worker_then_driver_then_rerun(
     with driver(overrides, ray_tmp, root / "first.log", env_extra) as first:
         wait_for_checkpoint(run_dir, 2 * CHECKPOINT_EVERY, first)
         time.sleep(1.0)  # a few steps past it
+        newest = newest_folder(run_dir)
+        wait_until_registered(newest)
         workers = train_worker_pids(first.pid)
-        corrupted = corrupt(newest_folder(run_dir))
+        corrupted = corrupt(newest)
         os.kill(workers[0], signal.SIGKILL)
         second, second_seconds = same_command_while_running(overrides, ray_tmp, env_extra)
         recovered = wait_for_checkpoint(run_dir, 3 * CHECKPOINT_EVERY, first)
@@ -744,6 +758,20 @@ class WorkerSampler(threading.Thread):
             time.sleep(0.2)
 
 
+def stopped_run(cfg) -> tuple[str, set[int], float]:
+    """Run `cfg`, which must stop on non-finite losses: (its message, the worker pids it used, seconds)."""
+    sampler = WorkerSampler()
+    sampler.start()
+    began = time.monotonic()
+    try:
+        with pytest.raises(NonFiniteLossError) as raised:
+            run_training(cfg)
+    finally:
+        sampler.stop.set()
+        sampler.join()
+    return str(raised.value), sampler.seen, time.monotonic() - began
+
+
 @pytest.mark.timeout(600)  # with Ray's default failure policy this run restarts forever
 def test_non_finite_losses_stop_a_run_at_once_into_a_new_mlflow_run_when_the_store_was_lost(
     ray_session, driver_scenario, tmp_path, capsys
@@ -769,21 +797,11 @@ def test_non_finite_losses_stop_a_run_at_once_into_a_new_mlflow_run_when_the_sto
             f"mlflow.tracking_uri={recreated_store}",
         ]
     )
-    sampler = WorkerSampler()
-    sampler.start()
-    began = time.monotonic()
-    try:
-        with pytest.raises(NonFiniteLossError) as raised:
-            run_training(cfg)
-    finally:
-        sampler.stop.set()
-        sampler.join()
-    seconds = time.monotonic() - began
-    message = str(raised.value)
+    message, workers, seconds = stopped_run(cfg)
     assert "\n" not in message, message
     stopped_at = int(re.match(r"stopped at step (\d+): steps \d+-\d+ all had a non-finite loss", message).group(1))
     assert stopped_at > step
-    assert len(sampler.seen) == 2, f"worker processes: {sorted(sampler.seen)} (2 per attempt)"
+    assert len(workers) == 2, f"worker processes: {sorted(workers)} (2 per attempt)"
     after = {path: path.read_bytes() for path in run_dir.glob("checkpoint_*/state.pt")}
     assert after == before
     for path in after:
@@ -809,8 +827,8 @@ def test_non_finite_losses_stop_a_run_at_once_into_a_new_mlflow_run_when_the_sto
     summary(
         "max-failures-unlimited-deterministic-error",
         injected=1,
-        worker_group_starts=len(sampler.seen) // 2,
-        restarts=len(sampler.seen) // 2 - 1,
+        worker_group_starts=len(workers) // 2,
+        restarts=len(workers) // 2 - 1,
         seconds_to_stop=round(seconds),
     )
     summary("lost-mlflow-store", injected=1, new_run_tagged_with_old_id=1, resume_failed=0)
