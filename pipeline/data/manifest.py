@@ -3,13 +3,16 @@
 The label map is one class name a line, the index being the line number: the one the run names (`data.labels`), or
 else `labels.txt` in the manifest's folder. Labels in a manifest are indices, or names looked up in that label map,
 so the names a run checks its counts against are the names its labels were resolved with. Relative paths resolve
-against a root (by default the manifest's folder); a path that leaves the root is refused unless explicitly
-allowed, so a manifest can't quietly read files elsewhere. Whether the files exist and decode is the index's
-business, not the manifest's.
+against a root (by default the manifest's folder); a path that leaves the root, by `..` or through a symbolic link,
+is refused unless explicitly allowed, so a manifest can't quietly read files elsewhere. A video listed twice (the
+same path and segment) is refused, whether with one label or two: it would count twice per epoch, or teach both
+classes. Segment bounds must be finite. Whether the files exist and decode is the index's business, not the
+manifest's.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -100,7 +103,9 @@ def read_manifest(
         backwards = pc.greater_equal(columns["start_sec"], columns["end_sec"]).to_pylist()
         if True in backwards:
             raise ManifestError(f"{path}: row {backwards.index(True) + 1} has start_sec not before end_sec")
-    return pa.table(columns)
+    table = pa.table(columns)
+    _check_listed_once(table, path)
+    return table
 
 
 def _format(path: Path) -> str:
@@ -119,7 +124,8 @@ def _read_table(path: Path) -> pa.Table:
         if kind == "parquet":
             return pq.read_table(path)
         convert = pa_csv.ConvertOptions(
-            column_types={"path": pa.string(), "start_sec": pa.float64(), "end_sec": pa.float64()}
+            column_types={"path": pa.string(), "start_sec": pa.float64(), "end_sec": pa.float64()},
+            null_values=[""],  # only an empty cell is "not given": "nan" is a NaN, refused, not the video's end
         )
         return pa_csv.read_csv(path, convert_options=convert)
     except (pa.ArrowInvalid, OSError) as error:
@@ -132,15 +138,50 @@ def resolve_paths(
     """Paths of a manifest or index made absolute against `base`; one outside it is refused unless allowed, so
     neither a manifest nor an already-probed index can quietly read files elsewhere."""
     root = os.path.abspath(base)
+    real_root = os.path.realpath(root)
+    real_folders: dict[str, str] = {}  # one realpath per folder, not per video (Kinetics: 400 folders, 240k videos)
     resolved = []
     for row, value in enumerate(values, start=1):
         if value is None or not str(value).strip():
             raise ManifestError(f"{source}: row {row} has no path")
         absolute = os.path.normpath(os.path.join(root, value))
-        if not allow_outside_root and os.path.commonpath([root, absolute]) != root:
-            raise ManifestError(f"{source}: row {row} path {value!r} is outside the root {root}")
+        if not allow_outside_root:
+            if os.path.commonpath([root, absolute]) != root:
+                raise ManifestError(f"{source}: row {row} path {value!r} is outside the root {root}")
+            folder, name = os.path.split(absolute)
+            if folder not in real_folders:
+                real_folders[folder] = os.path.realpath(folder)
+            real = os.path.realpath(absolute) if os.path.islink(absolute) else os.path.join(real_folders[folder], name)
+            if os.path.commonpath([real_root, real]) != real_root:
+                raise ManifestError(
+                    f"{source}: row {row} path {value!r} links to {real}, outside the root {root} "
+                    "(data.allow_outside_root=true allows it)"
+                )
         resolved.append(absolute)
     return resolved
+
+
+def _check_listed_once(table: pa.Table, manifest: Path) -> None:
+    """Each video (path and segment) once: a second row is an accident that would count it twice per epoch, or,
+    with another label, teach it as both classes."""
+    keys = [name for name in ("path", "start_sec", "end_sec") if name in table.column_names]
+    seen: dict[tuple, tuple[int, int]] = {}
+    for row, values in enumerate(zip(*(table.column(name).to_pylist() for name in [*keys, "label"])), start=1):
+        *key, label = values
+        if tuple(key) in seen:
+            first, first_label = seen[tuple(key)]
+            what = (
+                "the same video" if label == first_label else f"the same video with two labels ({first_label}, {label})"
+            )
+            raise ManifestError(f"{manifest}: rows {first} and {row} list {what}: {key[0]!r}{_segment(keys, key)}")
+        seen[tuple(key)] = (row, label)
+
+
+def _segment(keys: list[str], key: list) -> str:
+    bounds = dict(zip(keys, key))
+    if "start_sec" not in bounds and "end_sec" not in bounds:
+        return ""
+    return f" [{bounds.get('start_sec')}, {bounds.get('end_sec')}] s"
 
 
 def _labels(column: pa.ChunkedArray, manifest: Path, given: Path | None) -> pa.Array:
@@ -172,6 +213,10 @@ def _seconds(column: pa.ChunkedArray, name: str, manifest: Path) -> pa.Array:
         seconds = column.cast(pa.float64())
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         raise ManifestError(f"{manifest}: {name} must be a number of seconds") from None
+    values = seconds.to_pylist()
+    for row, value in enumerate(values, start=1):
+        if value is not None and not math.isfinite(value):
+            raise ManifestError(f"{manifest}: row {row} has {name} {value}: must be a finite number of seconds")
     if pc.any(pc.less(seconds, 0)).as_py():
         raise ManifestError(f"{manifest}: {name} must not be negative")
     return seconds.combine_chunks()

@@ -8,20 +8,18 @@ and none is logged twice with different values.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import re
 import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
 from pipeline.config import flatten
 from pipeline.errors import ConfigError, TrackingError
+from pipeline.secrets import redact, shown
 
 if TYPE_CHECKING:
     from torch import nn
@@ -38,7 +36,6 @@ EXPERIMENT_TAGS = {
     "mlflow.note.content": "MViT video classification on Ray: training runs (mvit.kind=training) and the "
     "evaluations of their models (mvit.kind=evaluation, mvit.evaluates=<training run id>).",
 }
-SECRET_KEY = re.compile(r"(password|passwd|secret|token|api[_-]?key|credential)", re.IGNORECASE)
 MAX_PARAM_LENGTH = 6000
 CURVES = {"loss.png": ("train/loss", "val/loss"), "accuracy.png": ("val/top1", "val/top5")}
 VAL_KEYS = ("val/top1", "val/top5", "val/loss")
@@ -55,24 +52,11 @@ def resolve_tracking_uri(uri: str, base: Path) -> str:
     return uri
 
 
-def redact(value: Any) -> Any:
-    """Remove user:password@ from a URI-like string; leave everything else alone."""
-    if not isinstance(value, str) or "@" not in value or "://" not in value:
-        return value
-    parts = urlsplit(value)
-    if parts.username is None and parts.password is None:
-        return value
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-
-
 def safe_params(flat_config: dict[str, Any]) -> dict[str, str]:
     """MLflow params from a flat config: credentials stripped from URIs, secret-named keys masked."""
     params = {}
     for key, value in flat_config.items():
-        shown = "***" if SECRET_KEY.search(key) and value else redact(value)
-        params[key] = str(shown)[:MAX_PARAM_LENGTH]
+        params[key] = str(shown(key, value))[:MAX_PARAM_LENGTH]
     return params
 
 
@@ -265,7 +249,7 @@ class TrainingLogger(RunLogger):
         """Reopen the run on rank 0; params and inputs are logged on its first start only."""
         settings = job.config.mlflow
         logger = cls(settings.tracking_uri, run_id, settings.system_metrics, settings.retry_seconds)
-        logger.log_params_once(flatten(dataclasses.asdict(job.config)))
+        logger.log_params_once(flatten(job.public_config))  # credentials removed, interpolations unresolved
         logger.log_text(job.config_yaml, "config.yaml")
         logger.log_text("\n".join(job.labels) + "\n", "labels.txt")
         if job.excluded:

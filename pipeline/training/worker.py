@@ -227,4 +227,4 @@ class WorkerLoop:
 def train_loop_per_worker(job: TrainJob) -> None:
     """Ray Train entry point (one call per worker, and again on every restart of the worker group)."""
     set_ray_train_log_level(job.config.run.ray_train_log_level)
-    WorkerLoop(job).fit()
+    WorkerLoop(job.resolved()).fit()
