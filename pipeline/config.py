@@ -389,7 +389,7 @@ def _check_ranges(cfg: DictConfig, evaluation: bool) -> None:
             f"config key 'data.crop_size': {data.crop_size} is above the short side it is cut from "
             f"(data.augment.min_short_side={augment.min_short_side})"
         )
-    if data.crop_size > data.test_short_side:
+    if not evaluation and data.crop_size > data.test_short_side:  # evaluation: checked on the model's settings
         raise ConfigError(
             f"config key 'data.crop_size': {data.crop_size} is above data.test_short_side={data.test_short_side}, "
             "the short side validation crops are cut from"
