@@ -59,7 +59,7 @@ def test_fine_tuning_with_the_recipe_and_the_kit(ray_session, demo, tmp_path, ru
     saved = []
     save_state = checkpoints.save_state
     monkeypatch.setattr(
-        checkpoints, "save_state", lambda folder, state: saved.append(state) or save_state(folder, state)
+        checkpoints, "save_state", lambda folder, state, *rest: saved.append(state) or save_state(folder, state, *rest)
     )
     monkeypatch.setattr(step_module, "soft_target_cross_entropy", spy_loss)
     monkeypatch.setattr(

@@ -14,7 +14,7 @@ import os
 from urllib.parse import unquote, urlsplit
 
 from pipeline.secrets import redact
-from pipeline.tracking.runs import RUN_KEY_TAG
+from pipeline.tracking.runs import create_run
 
 RESUMED_FROM_TAG = "mvit.resumed_from_run_id"
 RESUMED_AT_STEP_TAG = "mvit.resumed_at_step"
@@ -29,22 +29,6 @@ def credentials_to_environment(tracking_uri: str) -> str:
     os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username or "")
     os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password or "")
     return redact(tracking_uri)
-
-
-def _experiment_id(client, experiment: str) -> str:
-    found = client.get_experiment_by_name(experiment)
-    return found.experiment_id if found else client.create_experiment(experiment)
-
-
-def create_run(
-    tracking_uri: str, experiment: str, run_key: str, run_name: str, tags: dict[str, str] | None = None
-) -> str:
-    """A new MLflow run named `run_name`, tagged with the run's storage key."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    tags = {RUN_KEY_TAG: run_key, **(tags or {})}
-    return client.create_run(_experiment_id(client, experiment), run_name=run_name, tags=tags).info.run_id
 
 
 def _last_step(client, run_id: str) -> int | None:

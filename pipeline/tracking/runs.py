@@ -85,16 +85,30 @@ def get_or_create_run(tracking_uri: str, experiment: str, run_key: str, run_name
 
     Called on the driver before the workers start, so a driver that dies and is run again finds the same run.
     """
+    return _training_run(tracking_uri, experiment, run_key, run_name, reuse=True)
+
+
+def create_run(
+    tracking_uri: str, experiment: str, run_key: str, run_name: str, tags: dict[str, str] | None = None
+) -> str:
+    """A new MLflow training run named `run_name`, tagged with the run's storage key (and `tags`)."""
+    return _training_run(tracking_uri, experiment, run_key, run_name, reuse=False, tags=tags)
+
+
+def _training_run(
+    tracking_uri: str, experiment: str, run_key: str, run_name: str, reuse: bool, tags: dict[str, str] | None = None
+) -> str:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
     try:
         experiment_id = ensure_experiment(client, tracking_uri, experiment)
-        escaped = run_key.replace("'", "\\'")
-        runs = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{escaped}'", max_results=1)
-        if runs:
-            return runs[0].info.run_id
-        tags = {RUN_KEY_TAG: run_key, KIND_TAG: "training"}
+        if reuse:
+            escaped = run_key.replace("'", "\\'")
+            found = client.search_runs([experiment_id], f"tags.`{RUN_KEY_TAG}` = '{escaped}'", max_results=1)
+            if found:
+                return found[0].info.run_id
+        tags = {RUN_KEY_TAG: run_key, KIND_TAG: "training", **(tags or {})}
         return client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
     except Exception as error:
         raise TrackingError(f"MLflow store {redact(tracking_uri)}: {_first_line(error)}") from None
