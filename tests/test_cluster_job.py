@@ -190,8 +190,8 @@ def test_the_pipeline_benchmark_through_ray_job_submit_and_beside_a_ray_start_cl
     video = write_indexed_video(cluster.folder / "video.mp4", H264_BFRAMES_LONG_GOP)
     arguments = ["-m", "jobs.benchmark", "pipeline", str(video), "--repeat", "2", "--rounds", "1", *SMALL_CLIPS]
     submitted = submit(cluster, *arguments)
-    assert "per core" in submitted.stdout
+    assert "ray/loop" in submitted.stdout
     # No RAY_ADDRESS: the job finds the cluster `ray start` left its address for, and does not size it.
     direct = run([sys.executable, *arguments], cluster.env, 600)
     assert direct.returncode == 0, direct.stdout[-2000:] + direct.stderr[-2000:]
-    assert "joining the Ray cluster at" in direct.stdout and "per core" in direct.stdout
+    assert "joining the Ray cluster at" in direct.stdout and "ray/loop" in direct.stdout
