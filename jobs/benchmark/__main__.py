@@ -1,4 +1,4 @@
-"""`python -m jobs.benchmark {model,data,pipeline,scale,transcode,augment,gpu-check} ...`: speed and size figures
+"""`python -m jobs.benchmark {model,data,pipeline,scale,transcode,augment,demo,gpu-check} ...`: speed and size figures
 (BENCHMARKS.md records them)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.benchmark import augment, data, gpu_check, model, pipeline, scale, transcode
+from jobs.benchmark import augment, data, demo, gpu_check, model, pipeline, scale, transcode
 
 
 def main() -> int:
@@ -19,6 +19,7 @@ def main() -> int:
         ("scale", scale),
         ("transcode", transcode),
         ("augment", augment),
+        ("demo", demo),
         ("gpu-check", gpu_check),
     ):
         sub = commands.add_parser(name, help=module.__doc__.splitlines()[0] if module.__doc__ else name)
