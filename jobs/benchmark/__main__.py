@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.benchmark import data, model, pipeline, scale, transcode
+from jobs.benchmark import data, model, pipeline, scale, storage, transcode
 
 
 def main() -> int:
@@ -17,6 +17,7 @@ def main() -> int:
         ("pipeline", pipeline),
         ("scale", scale),
         ("transcode", transcode),
+        ("storage", storage),
     ):
         sub = commands.add_parser(name, help=module.__doc__.splitlines()[0] if module.__doc__ else name)
         module.add_arguments(sub)

@@ -16,10 +16,10 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
+from pipeline import storage
 from pipeline.config import flatten
 from pipeline.errors import ConfigError, TrackingError
 
@@ -56,15 +56,9 @@ def resolve_tracking_uri(uri: str, base: Path) -> str:
 
 
 def redact(value: Any) -> Any:
-    """Remove user:password@ from a URI-like string; leave everything else alone."""
-    if not isinstance(value, str) or "@" not in value or "://" not in value:
-        return value
-    parts = urlsplit(value)
-    if parts.username is None and parts.password is None:
-        return value
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    """A URI-like string without `user:password@` and with secret-named query values masked (`pipeline.storage`);
+    anything else as it is."""
+    return storage.redact(value) if isinstance(value, str) else value
 
 
 def safe_params(flat_config: dict[str, Any]) -> dict[str, str]:

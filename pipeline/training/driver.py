@@ -26,7 +26,7 @@ from ray.train import (
 from ray.train.torch import TorchTrainer
 
 import mvit
-from pipeline import tracking
+from pipeline import storage, tracking
 from pipeline.config import DataConfig, ModelConfig, TrainingJobConfig, typed
 from pipeline.data import index, manifest
 from pipeline.data.dataset import DecodeTasks, train_dataset, val_dataset
@@ -78,14 +78,15 @@ class DataPlan:
 
 
 def resolve_paths(cfg: DictConfig, base: Path) -> DictConfig:
-    """Every path made absolute on the driver: Ray workers and `ray job submit` run in other directories."""
+    """Every local path made absolute on the driver (Ray workers and `ray job submit` run in other directories);
+    URIs (s3://...) stay as they are."""
     cfg = copy.deepcopy(cfg)  # still the structured schema, so it converts to the typed config
     OmegaConf.set_readonly(cfg, False)
     OmegaConf.resolve(cfg)
     for key in PATH_KEYS:
         value = OmegaConf.select(cfg, key)
-        if value and "://" not in value:
-            OmegaConf.update(cfg, key, str((base / value).resolve()))
+        if value and not storage.is_uri(value):
+            OmegaConf.update(cfg, key, str((base / storage.local(value)).resolve()))
     cfg.mlflow.tracking_uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri, base)
     return cfg
 
@@ -136,17 +137,17 @@ def plan_data(cfg: TrainingJobConfig) -> DataPlan:
     against the labels and `model.num_classes`, here on the driver rather than in every worker.
     """
     data = cfg.data
-    labels_path = data.labels or str(manifest.label_map_path(data.train))
+    labels_path = data.labels or manifest.label_map_path(data.train)
     labels = manifest.read_label_map(labels_path)
     check_num_classes(cfg.model.num_classes, labels, labels_path)
-    cache_dir = Path(data.index_cache) if data.index_cache else index.default_cache_dir()
+    cache_dir = data.index_cache or str(index.default_cache_dir())
     tables, excluded = [], []
     for split in ("train", "val"):
         source = getattr(data, split)
         if not source:
             raise DataError(f"data.{split} is not set (a manifest or an index)")
-        if not Path(source).is_file():
-            raise DataError(f"data.{split} {source}: no such file")
+        if not storage.is_file(source):
+            raise DataError(f"data.{split} {storage.redact(source)}: no such file")
         probed = index.ensure_index(
             source,
             cache_dir,
@@ -157,9 +158,10 @@ def plan_data(cfg: TrainingJobConfig) -> DataPlan:
             data.decode_concurrency,
         )
         usable, unusable = index.read_usable(probed)
-        index.require_usable(usable, unusable, f"data.{split} {source}")
+        index.require_usable(usable, unusable, f"data.{split} {storage.redact(source)}")
         if pc.max(usable.column("label")).as_py() >= len(labels):
-            raise DataError(f"data.{split} {source}: a label is past the {len(labels)} names of {labels_path}")
+            shown = storage.redact(source), storage.redact(labels_path)
+            raise DataError(f"data.{split} {shown[0]}: a label is past the {len(labels)} names of {shown[1]}")
         tables.append(usable)
         excluded.extend(unusable)
     for path, reason in excluded:
@@ -239,6 +241,7 @@ def build_trainer(cfg: TrainingJobConfig, config_yaml: str, plan: DataPlan, run_
         epoch_clock=epoch_clock,
     )
     datasets = build_datasets(data, plan, skip_counter, train.seed, epoch_clock)
+    storage_path, storage_filesystem = storage.for_ray(cfg.run.storage_path)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=job,
@@ -249,7 +252,8 @@ def build_trainer(cfg: TrainingJobConfig, config_yaml: str, plan: DataPlan, run_
         ),
         run_config=RunConfig(
             name=cfg.run.name,
-            storage_path=cfg.run.storage_path,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
             logging_config=LoggingConfig(log_level=cfg.run.ray_train_log_level),
@@ -275,7 +279,7 @@ def run_training(cfg: DictConfig, base: Path | None = None) -> TrainingOutcome:
     plan = plan_data(job_config)
     announce_pretrained(job_config.model, cfg_classes(job_config, plan))
     mlflow = job_config.mlflow
-    run_key = f"{job_config.run.storage_path}/{job_config.run.name}"
+    run_key = storage.redact(f"{job_config.run.storage_path}/{job_config.run.name}")
     run_id = tracking.get_or_create_run(mlflow.tracking_uri, mlflow.experiment, run_key, job_config.run.name)
     print(f"MLflow run {run_id} in experiment '{mlflow.experiment}' at {tracking.redact(mlflow.tracking_uri)}")
     try:
