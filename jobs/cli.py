@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline import storage
 from pipeline.config import flatten, load_config
 from pipeline.errors import UserError
+from pipeline.secrets import public_config
 
 
 def run_job(prog: str, body: Callable[[], int]) -> int:
@@ -66,4 +67,5 @@ def _config_file(argv: Sequence[str]) -> str | None:
 
 
 def print_config(cfg: DictConfig) -> None:
-    print("# resolved config\n" + OmegaConf.to_yaml(cfg), flush=True)
+    """The config as given, credentials removed and environment interpolations left unresolved."""
+    print("# config\n" + OmegaConf.to_yaml(public_config(cfg)), flush=True)

@@ -11,19 +11,21 @@ from jobs.cli import parse_config, print_config, run_job
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_config("jobs.train", __doc__, argv)
     from pipeline.cluster import connect  # after the config check: a bad key exits at once
-    from pipeline.training.driver import run_training
+    from pipeline.training.driver import open_run, train
 
-    def train() -> int:
+    def run() -> int:
         print_config(cfg)
-        connect(cfg.scaling.address, cfg.scaling.num_cpus)
-        outcome = run_training(cfg)
+        with open_run(cfg) as opened:  # named, locked and planned before Ray starts: a refusal takes a second
+            connect(cfg.scaling.address, cfg.scaling.num_cpus)
+            outcome = train(opened)
         shown = {k: round(v, 4) for k, v in outcome.metrics.items() if k.startswith("val/") or k == "epoch"}
         print(f"final metrics: {shown}")
+        print(f"run: {outcome.run_name}")
         print(f"MLflow run id: {outcome.run_id}")
-        print(f"Browse it: mlflow ui --backend-store-uri {outcome.tracking_uri} --host 127.0.0.1 --port 5000")
+        print(f"Browse it: mlflow ui --backend-store-uri {outcome.shown_tracking_uri} --host 127.0.0.1 --port 5000")
         return 0
 
-    return run_job("jobs.train", train)
+    return run_job("jobs.train", run)
 
 
 if __name__ == "__main__":

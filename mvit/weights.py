@@ -190,7 +190,13 @@ def _check_layout(state: dict[str, torch.Tensor], source: str) -> None:
 
 
 def _check_family(state: dict[str, torch.Tensor], source: str, model: MViT) -> None:
-    """A one-line error when an MViTv2 checkpoint meets an MViT v1 model or the reverse (native key names)."""
+    """A one-line error when an MViTv2 checkpoint meets an MViT v1 model or the reverse (native key names), or when
+    the file is no MViT at all (its family guesses would mislead)."""
+    if not any(key.startswith(("blocks.", "patch_embed.")) for key in state):
+        raise ValueError(
+            f"cannot load {source} weights into MViT: no patch_embed or blocks keys, not an MViT checkpoint "
+            f"(keys {_short(list(state))})"
+        )
     rel_pos_keys = sorted({key.rsplit(".", 1)[1] for key in state if _REL_POS.search(key)})
     model_rel_pos = any(block.rel_pos_spatial or block.rel_pos_temporal for block in model.config.blocks)
     if rel_pos_keys and source == "pyslowfast_v1":

@@ -13,6 +13,7 @@ object store one upload that becomes visible only when complete.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import posixpath
 import re
@@ -22,18 +23,18 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.errors import DataError
+from pipeline.secrets import redact
 
 T = TypeVar("T")
 URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 URI_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+")
-SECRET_QUERY = re.compile(r"(password|passwd|secret|token|access[_-]?key|api[_-]?key|credential|signature)", re.I)
 # Retries on top of the SDK's own (3 quick attempts for S3): waits of 0.5, 1 and 2 s, so an outage of a few seconds
 # costs time, not a video, and a video that stays unreachable is skipped after about 4 s.
 ATTEMPTS = 4
@@ -135,20 +136,6 @@ def is_within(root: str | os.PathLike, path: str) -> bool:
     return (scheme, bucket) == (scheme2, bucket2) and ("/" + key2 + "/").startswith(prefix)
 
 
-def redact(value: str) -> str:
-    """A URI without `user:password@` and with secret-named query values masked; anything else as it is."""
-    if not isinstance(value, str) or "://" not in value:
-        return value
-    parts = urlsplit(value)
-    if "@" in parts.netloc:
-        value = value.replace(parts.netloc, parts.netloc.rpartition("@")[2], 1)
-    pairs = parse_qsl(parts.query, keep_blank_values=True)
-    if any(SECRET_QUERY.search(key) for key, _ in pairs):
-        masked = urlencode([(key, "***" if SECRET_QUERY.search(key) else item) for key, item in pairs], safe="*")
-        value = value.replace(f"?{parts.query}", f"?{masked}", 1)
-    return value
-
-
 def scrub(text: str) -> str:
     """`text` (an error message, a log line) with every URI in it redacted."""
     return URI_IN_TEXT.sub(lambda match: redact(match.group(0)), text)
@@ -168,6 +155,32 @@ def _normalise_uri(uri: str) -> str:
     return _unsplit(scheme, bucket, posixpath.normpath("/" + key).lstrip("/") if key else "", query)
 
 
+class UriPath(str):
+    """A URI with the few `pathlib.Path` operations the run and checkpoint code uses (`name`, `parent`, `/`), so
+    that code works on a local `Path` and on a URI alike; compares as the normalised URI string."""
+
+    def __new__(cls, uri: str) -> UriPath:
+        return super().__new__(cls, _normalise_uri(uri))
+
+    @property
+    def name(self) -> str:
+        return name(self)
+
+    @property
+    def parent(self) -> UriPath:
+        return UriPath(parent(self))
+
+    def __truediv__(self, other: str | os.PathLike) -> UriPath:
+        return UriPath(join(self, os.fspath(other)))
+
+
+def as_path(path: str | os.PathLike) -> os.PathLike | UriPath:
+    """A local path as a `pathlib.Path`, a URI as a `UriPath`."""
+    from pathlib import Path
+
+    return UriPath(str(path)) if is_uri(path) else Path(local(path))
+
+
 # ---- filesystems ------------------------------------------------------------------------------------------------
 def filesystem(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     """The filesystem holding `path` and the path inside it (for Ray's `storage_filesystem`, pyarrow readers)."""
@@ -176,6 +189,16 @@ def filesystem(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     scheme, bucket, key, query = _split(str(path))
     fs = _remote_fs(scheme, bucket, query, _environment())
     return fs, f"{bucket.rpartition('@')[2]}/{key}".rstrip("/")
+
+
+SCHEMES = {"s3": "s3", "gcs": "gs"}  # pyarrow's filesystem type_name → URI scheme
+
+
+def uri_of(fs: pafs.FileSystem, inner: str) -> str:
+    """The path or URI of `inner` in `fs` (the inverse of `filesystem`; Ray Train's checkpoints name their path
+    inside `storage_filesystem`)."""
+    scheme = SCHEMES.get(fs.type_name)
+    return f"{scheme}://{inner.lstrip('/')}" if scheme else inner
 
 
 @functools.cache
@@ -409,6 +432,22 @@ def remove(path: str | os.PathLike) -> None:
 def _info(path: str, found: pafs.FileInfo) -> Info:
     is_folder = found.type == pafs.FileType.Directory
     return Info(path, is_folder, 0 if is_folder else (found.size or 0), found.mtime_ns)
+
+
+def sha256(path: str | os.PathLike, chunk_bytes: int = 8 * 2**20) -> str:
+    """The SHA-256 of a file or object, read in `chunk_bytes` requests (restarted whole on a transient failure)."""
+    path = os.fspath(path)
+    fs, inner = filesystem(path)
+
+    def digest() -> str:
+        hashed = hashlib.sha256()
+        with fs.open_input_file(inner) as file:
+            size = file.size()
+            for offset in range(0, size, chunk_bytes):
+                hashed.update(file.read_at(min(chunk_bytes, size - offset), offset))
+        return hashed.hexdigest()
+
+    return retried(path, "read it", digest)
 
 
 def download(path: str | os.PathLike, target: str | os.PathLike, chunk_bytes: int = 64 * 2**20) -> int:

@@ -24,6 +24,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import REPO_ROOT
+from tests.test_benchmark_pipeline import SMALL_CLIPS
 from tests.test_evaluate import _checkpoint
 from tests.videos import H264_BFRAMES_LONG_GOP, write_indexed_video
 
@@ -187,8 +188,7 @@ def test_index_and_evaluate_through_ray_job_submit(cluster, demo):
 
 def test_the_pipeline_benchmark_through_ray_job_submit_and_beside_a_ray_start_cluster(cluster):
     video = write_indexed_video(cluster.folder / "video.mp4", H264_BFRAMES_LONG_GOP)
-    arguments = ["-m", "jobs.benchmark", "pipeline", str(video), "--repeat", "2", "--num-frames", "4"]
-    arguments += ["--sampling-rate", "2", "--crop-size", "32", "--short-side", "32", "40"]
+    arguments = ["-m", "jobs.benchmark", "pipeline", str(video), "--repeat", "2", "--rounds", "1", *SMALL_CLIPS]
     submitted = submit(cluster, *arguments)
     assert "per core" in submitted.stdout
     # No RAY_ADDRESS: the job finds the cluster `ray start` left its address for, and does not size it.

@@ -74,3 +74,47 @@ def test_train_job_rejects_bad_keys_with_exit_2(override):
     assert done.returncode == 2
     lines = [line for line in done.stderr.strip().splitlines() if line]
     assert len(lines) == 1 and override.split("=")[0] in lines[0], done.stderr
+
+
+# Settings that used to fail only inside the workers, minutes in and once per retry (issue 18): refused on load.
+WORKER_ONLY_FAILURES = [
+    ("train.log_every_steps=0", "train.log_every_steps"),
+    ("train.lr_reference_batch=0", "train.lr_reference_batch"),
+    ("model.name=mvit_huge", "model.name"),
+    ("data.crop_size=96", "data.crop_size"),  # above data.augment.min_short_side=64
+    ("data.test_short_side=32", "data.crop_size"),  # validation crops 64 from a 32 short side
+    ("data.augment.max_short_side=60", "data.augment.min_short_side"),
+    ("data.augment.min_area=1.5", "data.augment.min_area"),
+    ("model.drop_path_rate=1.5", "model.drop_path_rate"),
+    ("model.pool_memory_format=channels_first", "model.pool_memory_format"),
+    ("train.grad_clip=0", "train.grad_clip"),
+    ("train.label_smoothing=1.5", "train.label_smoothing"),
+    ("train.mixup_prob=2", "train.mixup_prob"),
+    ("train.betas=[0.9,1.0]", "train.betas"),
+    ("train.seed=-1", "train.seed"),
+    ("train.max_bad_steps=-1", "train.max_bad_steps"),
+    ("data.std=[0.2,0.2,0]", "data.std"),
+    ("data.mean=[0.5]", "data.mean"),
+    ("data.decode_concurrency=0", "data.decode_concurrency"),
+    ("data.videos_per_task=0", "data.videos_per_task"),
+    ("data.target_fps=0", "data.target_fps"),
+    ("scaling.cpus_per_worker=0", "scaling.cpus_per_worker"),
+    ("scaling.num_cpus=0", "scaling.num_cpus"),
+    ("run.checkpoints_to_keep=0", "run.checkpoints_to_keep"),
+    ("mlflow.experiment=", "mlflow.experiment"),
+]
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("override, named", WORKER_ONLY_FAILURES)
+def test_settings_that_fail_in_workers_are_refused_on_load(override, named):
+    with pytest.raises(ConfigError) as caught:
+        load_config(overrides=[override])
+    message = str(caught.value)
+    assert f"config key '{named}'" in message and "\n" not in message, message
+    print(f"FAULT worker-only-setting {override}: injected=1 refused_on_the_driver=1 tracebacks=0")
+
+
+def test_the_shipped_recipes_pass_the_checks():
+    load_config(REPO_ROOT / "conf" / "kinetics400_mvit_b_16x4.yaml")
+    load_config(evaluation=True)

@@ -25,6 +25,7 @@ from pipeline.data.manifest import read_label_map, read_manifest, write_manifest
 from pipeline.data.sampling import ClipSpec, uniform_clips
 from pipeline.data.transforms import EvalTransform
 from pipeline.data.video import decode_frames, probe
+from pipeline.errors import ConfigError
 from pipeline.evaluation.loading import ModelReference, ModelSourceError, load_model
 from pipeline.evaluation.views import clip_settings
 from pipeline.tracking.evaluation import EVALUATES_TAG
@@ -214,13 +215,15 @@ def test_a_bare_state_dict_keeps_its_own_head_and_a_different_label_map_is_refus
 
 
 def test_clip_settings_from_a_config_file_win_over_the_checkpoints(tmp_path):
-    (tmp_path / "eval.yaml").write_text("data:\n  crop_size: 96\n")
+    (tmp_path / "eval.yaml").write_text("data:\n  crop_size: 96\n  test_short_side: 112\n")
     explicit = explicit_keys(["--config", str(tmp_path / "eval.yaml"), "data.test_clips=2"])
-    assert {"data.crop_size", "data.test_clips"} <= explicit
+    assert {"data.crop_size", "data.test_short_side", "data.test_clips"} <= explicit
     cfg = typed(load_config(tmp_path / "eval.yaml", ["data.test_clips=2"], evaluation=True))
     loaded = load_model(ModelReference(str(_checkpoint(tmp_path / "checkpoint", list("abcdefgh")))))
     settings = clip_settings(cfg, loaded, explicit)
     assert settings.crop_size == 96 and settings.num_frames == DATA["num_frames"]
+    with pytest.raises(ConfigError, match="data.crop_size=96 is above data.test_short_side=64"):
+        clip_settings(cfg, loaded, explicit - {"data.test_short_side"})  # a crop the model's short side can't give
 
 
 def test_a_checkpoint_path_that_does_not_exist_lists_those_that_do(tmp_path):

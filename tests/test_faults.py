@@ -14,15 +14,17 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
@@ -38,13 +40,15 @@ from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from pipeline import tracking
-from pipeline.checkpoints import STATE_FILE, CheckpointError, load_state, save_state
-from pipeline.config import load_config, typed
+from pipeline.checkpoints import STATE_FILE, CheckpointError, checkpoint_folders, load_state, save_state
+from pipeline.config import ConfigError, load_config, typed
 from pipeline.data import dataset, index
 from pipeline.data.sampling import ClipSpec
 from pipeline.data.skips import DEATHS_BEFORE_SKIP, SkipSnapshot, epoch_counts, skip_counter
+from pipeline.errors import DataError
 from pipeline.training.driver import build_trainer, plan_data, resolve_paths, run_training
 from pipeline.training.job import TrainJob
+from pipeline.training.persist import upload_whole
 from pipeline.training.worker import NonFiniteLossError, WorkerLoop
 from tests.clips import decode_tasks, eval_transform
 from tests.conftest import REPO_ROOT
@@ -238,8 +242,81 @@ def add_unusable_videos(manifest: Path) -> tuple[str, ...]:
     return tuple(str(folder / name) for name in names)
 
 
+PASSWORD_VARIABLE = "FAULTS_MLFLOW_PASSWORD"
+
+
+@dataclass
+class TrackingServer:
+    """A real `mlflow server` (no auth app: it accepts any credentials) that the runs reach with a password in their
+    tracking URI, so that the suite can check that the password is written and printed nowhere."""
+
+    url: str  # without credentials, for the test's own client
+    process: subprocess.Popen
+    password: str
+    root: Path  # its store, artifacts and log
+
+    @property
+    def uri_with_password(self) -> str:
+        """How the runs are told to reach it: user and password in the URI, the password from the environment."""
+        return self.url.replace("http://", f"http://faults:${{oc.env:{PASSWORD_VARIABLE}}}@")
+
+    def wait(self, timeout: float = 300) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, "mlflow server exited"
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        return self.url
+            except OSError:
+                time.sleep(0.5)
+        raise TimeoutError(f"mlflow server not up within {timeout} s")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
-def demo(ray_session, make_demo) -> Demo:
+def tracking_server(tmp_path_factory) -> Iterator[TrackingServer]:
+    """Started with the module's demo data (its start-up, tens of seconds on 2 cores, overlaps the probing)."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    with open(root / "server.log", "w") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{root / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(root / "artifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],
+            cwd=root,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        yield TrackingServer(f"http://127.0.0.1:{port}", process, uuid.uuid4().hex, root)
+    finally:
+        for child in psutil.Process(process.pid).children(recursive=True):
+            child.kill()
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def demo(ray_session, make_demo, tracking_server) -> Demo:
     made = make_demo(seed=0, num_classes=4, videos_per_class=16)
     unusable = add_unusable_videos(made.train_manifest)
     return Demo(
@@ -339,20 +416,28 @@ class DriverScenario:
 
     root: Path
     overrides: list[str]
+    tracking_uri: str  # the MLflow server, without credentials
     workers_restarted: int  # of the worker group that lost one process
+    corrupted: Path  # the newest checkpoint when the worker died, made unloadable just before
     recovered_to_step: int  # the checkpoint that proved training went on after the dead worker
+    second: subprocess.CompletedProcess  # the same command started while the first ran
+    second_seconds: float
     resumed_from_step: int  # the last checkpoint when the driver died
     leftover_processes: list[str]  # of the dead driver's Ray, 30 s after its death
     first_run_id: str
+    first_pid: int
+    first_log: str
     rerun: subprocess.CompletedProcess
+    password_found_in: list[str] = field(default_factory=list)
+    places_searched: int = 0
 
 
 @contextmanager
-def driver(overrides: list[str], ray_tmp: Path, log: Path) -> Iterator[subprocess.Popen]:
+def driver(overrides: list[str], ray_tmp: Path, log: Path, env_extra: dict[str, str]) -> Iterator[subprocess.Popen]:
     """`python -m jobs.train` starting its own local Ray, isolated from this session's by RAY_TMPDIR; killed on
     the way out if still running."""
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
-    env["RAY_TMPDIR"] = str(ray_tmp)
+    env.update(RAY_TMPDIR=str(ray_tmp), **env_extra)
     with open(log, "w") as output:
         process = subprocess.Popen(
             [sys.executable, "-m", "jobs.train", *overrides],
@@ -369,13 +454,54 @@ def driver(overrides: list[str], ray_tmp: Path, log: Path) -> Iterator[subproces
             process.wait()
 
 
-def kill_worker_then_driver_then_rerun(root: Path, overrides: list[str], ray_tmp: Path) -> DriverScenario:
+def corrupt(folder: Path) -> Path:
+    """Cut the checkpoint's state.pt in half, as a full disk or a lost copy would."""
+    state = folder / STATE_FILE
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    return folder
+
+
+def newest_folder(run_dir: Path) -> Path:
+    return checkpoint_folders(run_dir)[0]
+
+
+def wait_until_registered(folder: Path, timeout: float = 120) -> None:
+    """Block until Ray Train has registered the checkpoint `folder` (it is then what `get_checkpoint()` gives a
+    restarted worker group): its name appears in the run's checkpoint manager snapshot."""
+    snapshot = folder.parent / "checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if snapshot.is_file() and folder.name in snapshot.read_text():
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"Ray Train did not register {folder} within {timeout} s")
+
+
+def same_command_while_running(overrides: list[str], ray_tmp: Path, env_extra: dict[str, str]) -> tuple:
+    """The same command again, while the first still holds the run: (completed process, seconds it took)."""
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=str(ray_tmp), **env_extra)
+    began = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.train", *overrides], cwd=REPO_ROOT, env=env, capture_output=True, text=True
+    )
+    return done, time.monotonic() - began
+
+
+def kill_worker_then_driver_then_rerun(
+    root: Path, overrides: list[str], ray_tmp: Path, server: TrackingServer
+) -> DriverScenario:
     run_dir = root / "runs" / "faults"
-    with driver(overrides, ray_tmp, root / "first.log") as first:
-        wait_for_checkpoint(run_dir, CHECKPOINT_EVERY, first)
+    env_extra = {PASSWORD_VARIABLE: server.password}
+    with driver(overrides, ray_tmp, root / "first.log", env_extra) as first:
+        wait_for_checkpoint(run_dir, 2 * CHECKPOINT_EVERY, first)
         time.sleep(1.0)  # a few steps past it
+        newest = newest_folder(run_dir)
+        wait_until_registered(newest)
         workers = train_worker_pids(first.pid)
+        corrupted = corrupt(newest)
         os.kill(workers[0], signal.SIGKILL)
+        second, second_seconds = same_command_while_running(overrides, ray_tmp, env_extra)
         recovered = wait_for_checkpoint(run_dir, 3 * CHECKPOINT_EVERY, first)
         restarted = len(set(workers) - set(train_worker_pids(first.pid)))
         time.sleep(1.0)
@@ -383,32 +509,81 @@ def kill_worker_then_driver_then_rerun(root: Path, overrides: list[str], ray_tmp
         first.kill()  # SIGKILL to the driver alone: the Ray it started must go down with it
         first.wait()
     leftovers = leftovers_after(ray_tmp)
-    first_run_id = re.search(r"MLflow run (\w+) in experiment", (root / "first.log").read_text()).group(1)
-    with driver(overrides, ray_tmp, root / "rerun.log") as rerun:
+    first_log = (root / "first.log").read_text()
+    first_run_id = re.search(r"MLflow run (\w+) in experiment", first_log).group(1)
+    with driver(overrides, ray_tmp, root / "rerun.log", env_extra) as rerun:
         rerun.wait(timeout=500)
     completed = subprocess.CompletedProcess(rerun.args, rerun.returncode, (root / "rerun.log").read_text())
-    return DriverScenario(root, overrides, restarted, recovered, resumed_from, leftovers, first_run_id, completed)
+    return DriverScenario(
+        root,
+        overrides,
+        server.url,
+        restarted,
+        corrupted,
+        recovered,
+        second,
+        second_seconds,
+        resumed_from,
+        leftovers,
+        first_run_id,
+        first.pid,
+        first_log,
+        completed,
+    )
+
+
+def places_holding(secret: str, folders: list[Path]) -> tuple[list[str], int]:
+    """The files under `folders` whose bytes hold `secret`, and how many files were searched."""
+    found, searched = [], 0
+    for path in (path for folder in folders for path in folder.rglob("*")):
+        try:
+            if path.is_file():
+                searched += 1
+                if secret.encode() in path.read_bytes():
+                    found.append(str(path))
+        except OSError:
+            continue
+    return found, searched
 
 
 @pytest.fixture(scope="module")
-def driver_scenario(demo, tmp_path_factory, run_overrides) -> DriverScenario:
-    """Kill a training worker mid-epoch after the first checkpoint, then (once the run has recovered and
-    checkpointed again) the driver itself, mid-epoch; then run the same command again."""
+def driver_scenario(demo, tmp_path_factory, run_overrides, tracking_server) -> DriverScenario:
+    """`python -m jobs.train ... run.resume=latest`, tracked on an MLflow server through a URI with a password from
+    the environment. Corrupt the newest checkpoint and kill a training worker mid-epoch (the restart must pass over
+    the corrupt one); start the same command a second time while the first runs (refused); once the run has
+    recovered and checkpointed again, kill the driver itself, mid-epoch; then run the same command again. Last, look
+    for the password in everything the runs wrote and printed."""
     root = tmp_path_factory.mktemp("driver")
-    overrides = faults_overrides(run_overrides, root, demo, f"train.epochs={EPOCHS}", "scaling.max_failures=1")
+    overrides = faults_overrides(
+        run_overrides,
+        root,
+        demo,
+        f"train.epochs={EPOCHS}",
+        "scaling.max_failures=1",
+        "run.resume=latest",
+        f"mlflow.tracking_uri={tracking_server.uri_with_password}",
+    )
     ray_tmp = Path(tempfile.mkdtemp(prefix="rd", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    tracking_server.wait()
     try:
-        return kill_worker_then_driver_then_rerun(root, overrides, ray_tmp)
+        scenario = kill_worker_then_driver_then_rerun(root, overrides, ray_tmp, tracking_server)
+        found, searched = places_holding(tracking_server.password, [root, ray_tmp, tracking_server.root])
+        scenario.password_found_in, scenario.places_searched = found, searched
+        return scenario
     finally:
         leftovers_after(ray_tmp, grace=10)
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_a_dead_training_worker_costs_no_step_and_the_run_finishes(driver_scenario):
+    """The restart also meets a corrupt newest checkpoint: it passes over it, says so, and continues from the one
+    before (Ray Train's own `get_checkpoint()` gives the corrupt one)."""
     scenario = driver_scenario
     assert scenario.workers_restarted == 2 and scenario.recovered_to_step >= 3 * CHECKPOINT_EVERY
     assert scenario.rerun.returncode == 0, scenario.rerun.stdout[-4000:]
-    client = MlflowClient(f"sqlite:///{scenario.root / 'mlflow.db'}")
+    skipped = re.findall(rf"skipped checkpoint {re.escape(str(scenario.corrupted))}: .*\(torn\)", scenario.first_log)
+    assert len(skipped) == 2, scenario.first_log[-6000:]  # once per rank
+    client = MlflowClient(scenario.tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("mvit").experiment_id])
     assert [run.info.run_id for run in runs] == [scenario.first_run_id]
     assert runs[0].info.status == "FINISHED"
@@ -427,10 +602,11 @@ def test_a_dead_training_worker_costs_no_step_and_the_run_finishes(driver_scenar
         steps_duplicated=duplicated,
         final_val_top1_pct=round(top1[-1] * 100),
     )
+    summary("corrupt-newest-checkpoint-on-restart", injected=1, skipped_and_named=1, run_lost=0)
 
 
 def test_unusable_videos_are_left_out_of_a_run_and_listed(driver_scenario, demo):
-    client = MlflowClient(f"sqlite:///{driver_scenario.root / 'mlflow.db'}")
+    client = MlflowClient(driver_scenario.tracking_uri)
     with tempfile.TemporaryDirectory() as folder:
         listed = Path(client.download_artifacts(driver_scenario.first_run_id, "excluded_videos.tsv", folder))
         rows = dict(line.split("\t") for line in listed.read_text().splitlines())
@@ -442,11 +618,12 @@ def test_a_dead_driver_resumes_when_the_same_command_runs_again(driver_scenario)
     scenario = driver_scenario
     assert scenario.leftover_processes == [], f"the dead driver's Ray outlived it: {scenario.leftover_processes}"
     assert scenario.rerun.returncode == 0, scenario.rerun.stdout[-4000:]
+    assert f"took over the lock of pid {scenario.first_pid} on " in scenario.rerun.stdout
     assert f"MLflow run {scenario.first_run_id} in experiment" in scenario.rerun.stdout
     assert f"MLflow run id: {scenario.first_run_id}" in scenario.rerun.stdout
     state = latest_checkpoint(scenario.root / "runs" / "faults")[1]
     assert state["loop"]["epoch"] == EPOCHS and state["loop"]["step"] == EPOCHS * STEPS_PER_EPOCH
-    client = MlflowClient(f"sqlite:///{scenario.root / 'mlflow.db'}")
+    client = MlflowClient(scenario.tracking_uri)
     lost, duplicated = step_faults(client, scenario.first_run_id, "train/loss", EPOCHS * STEPS_PER_EPOCH)
     assert (lost, duplicated) == (0, 0)
     summary(
@@ -458,6 +635,42 @@ def test_a_dead_driver_resumes_when_the_same_command_runs_again(driver_scenario)
         steps_duplicated=duplicated,
         leftover_ray_processes=len(scenario.leftover_processes),
         resumed_from_step=scenario.resumed_from_step,
+    )
+
+
+def test_a_second_command_for_a_running_run_is_refused(driver_scenario):
+    second = driver_scenario.second
+    lines = [line for line in second.stderr.splitlines() if line]
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("jobs.train: error: run.name 'faults': in use by pid "), lines
+    assert f"pid {driver_scenario.first_pid} on " in lines[0]
+    assert "Started a local Ray instance" not in second.stdout + second.stderr  # refused before Ray started
+    summary(
+        "concurrent-run",
+        injected=1,
+        second_refused=1,
+        second_ran_seconds=round(driver_scenario.second_seconds),
+        steps_duplicated=0,
+    )
+
+
+def test_a_password_in_the_tracking_uri_is_written_and_printed_nowhere(driver_scenario):
+    """The runs reached the MLflow server through `http://faults:${oc.env:...}@host`: the workers resolved the
+    password themselves (the run logged everything), and no file of the runs, their logs (stdout with the workers'
+    output, Ray's session logs), checkpoints, the MLflow store or its artifacts holds it."""
+    scenario = driver_scenario
+    assert scenario.places_searched > 100 and scenario.password_found_in == [], scenario.password_found_in
+    client = MlflowClient(scenario.tracking_uri)
+    params = client.get_run(scenario.first_run_id).data.params
+    assert params["mlflow.tracking_uri"] == scenario.tracking_uri
+    with tempfile.TemporaryDirectory() as folder:
+        config_yaml = Path(client.download_artifacts(scenario.first_run_id, "config.yaml", folder)).read_text()
+    assert f"tracking_uri: {scenario.tracking_uri}" in config_yaml
+    summary(
+        "secrets",
+        injected=1,
+        files_searched=scenario.places_searched,
+        files_holding_the_password=len(scenario.password_found_in),
     )
 
 
@@ -564,11 +777,48 @@ def test_fp16_overflow_and_non_finite_steps_are_skipped_until_too_many(ray_sessi
     summary("non-finite-step", injected=2, steps_skipped=2, training_continued=2, bad_streaks_stopped=2)
 
 
-def test_non_finite_losses_stop_a_run_in_one_line_and_leave_the_checkpoints_intact(ray_session, driver_scenario):
+class WorkerSampler(threading.Thread):
+    """Collects the pids of the Ray Train workers this process's Ray runs, to count worker group (re)starts."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.before = set(train_worker_pids(os.getpid()))
+        self.seen: set[int] = set()
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.seen |= set(train_worker_pids(os.getpid())) - self.before
+            time.sleep(0.2)
+
+
+def stopped_run(cfg) -> tuple[str, set[int], float]:
+    """Run `cfg`, which must stop on non-finite losses: (its message, the worker pids it used, seconds)."""
+    sampler = WorkerSampler()
+    sampler.start()
+    began = time.monotonic()
+    try:
+        with pytest.raises(NonFiniteLossError) as raised:
+            run_training(cfg)
+    finally:
+        sampler.stop.set()
+        sampler.join()
+    return str(raised.value), sampler.seen, time.monotonic() - began
+
+
+@pytest.mark.timeout(600)  # with Ray's default failure policy this run restarts forever
+def test_non_finite_losses_stop_a_run_at_once_into_a_new_mlflow_run_when_the_store_was_lost(
+    ray_session, driver_scenario, tmp_path, capsys
+):
+    """Three faults in one resumed run: its MLflow store is gone (a new, empty one), `scaling.max_failures=-1`,
+    and a learning rate of 1e30 (allowed as a recipe change) makes every step non-finite. The run continues in a
+    new MLflow run tagged with the old id and says so; the non-finite stop is not retried although retries are
+    unlimited; and the checkpoints stay byte-identical."""
     run_dir = driver_scenario.root / "runs" / "faults"
     before = {path: path.read_bytes() for path in run_dir.glob("checkpoint_*/state.pt")}
     _, last_good = latest_checkpoint(run_dir)
     epoch, step = last_good["loop"]["epoch"], last_good["loop"]["step"]
+    recreated_store = f"sqlite:///{tmp_path / 'recreated.db'}"
     cfg = load_config(
         overrides=[
             *driver_scenario.overrides,
@@ -576,22 +826,30 @@ def test_non_finite_losses_stop_a_run_in_one_line_and_leave_the_checkpoints_inta
             "train.lr=1e30",
             "train.precision=bf16",
             "train.max_bad_steps=3",
-            "scaling.max_failures=0",
+            "scaling.max_failures=-1",
+            "run.allow_recipe_change=true",
+            f"mlflow.tracking_uri={recreated_store}",
         ]
     )
-    with pytest.raises(NonFiniteLossError) as raised:
-        run_training(cfg)
-    message = str(raised.value)
+    message, workers, seconds = stopped_run(cfg)
     assert "\n" not in message, message
     stopped_at = int(re.match(r"stopped at step (\d+): steps \d+-\d+ all had a non-finite loss", message).group(1))
     assert stopped_at > step
+    assert len(workers) == 2, f"worker processes: {sorted(workers)} (2 per attempt)"
     after = {path: path.read_bytes() for path in run_dir.glob("checkpoint_*/state.pt")}
     assert after == before
     for path in after:
         state = load_state(path.parent)
         assert all(torch.isfinite(tensor).all() for tensor in state["model"].values())
-    client = MlflowClient(f"sqlite:///{driver_scenario.root / 'mlflow.db'}")
-    assert client.get_run(driver_scenario.first_run_id).info.status == "FAILED"
+    out = capsys.readouterr().out
+    assert "recipe change allowed by run.allow_recipe_change: train.lr: 0.004 → 1e+30" in out
+    client = MlflowClient(recreated_store)
+    [new_run] = client.search_runs([client.get_experiment_by_name("mvit").experiment_id])
+    old = driver_scenario.first_run_id
+    assert f"MLflow run {old} of the checkpoint is not in the store at {recreated_store} (lost or recreated): " in out
+    assert f"continuing in a new MLflow run {new_run.info.run_id}, tagged mvit.resumed_from_run_id={old}" in out
+    assert new_run.data.tags["mvit.resumed_from_run_id"] == old and new_run.info.status == "FAILED"
+    assert new_run.data.tags["mvit.resumed_at_step"] == str(step)
     summary(
         "non-finite-run",
         injected=1,
@@ -600,6 +858,53 @@ def test_non_finite_losses_stop_a_run_in_one_line_and_leave_the_checkpoints_inta
         checkpoints_changed=sum(after[path] != before[path] for path in after),
         checkpoints_lost=0,
     )
+    summary(
+        "max-failures-unlimited-deterministic-error",
+        injected=1,
+        worker_group_starts=len(workers) // 2,
+        restarts=len(workers) // 2 - 1,
+        seconds_to_stop=round(seconds),
+    )
+    summary("lost-mlflow-store", injected=1, new_run_tagged_with_old_id=1, resume_failed=0)
+
+
+def test_resume_latest_passes_over_a_corrupt_newest_checkpoint_then_refuses_changes_and_reruns(
+    ray_session, driver_scenario, demo, capsys
+):
+    """The finished run, its newest checkpoint cut in half: `run.resume=latest` says which one it skipped and why,
+    continues from the one before and finishes again (two steps and a validation). Then the same command says the
+    run is finished and trains nothing; a changed recipe and changed data are refused in one line each."""
+    # In this process, whose Ray workers can't see a password variable set now: the server's URL without one
+    # (mlflow.* may change on resume).
+    overrides = [*driver_scenario.overrides, f"mlflow.tracking_uri={driver_scenario.tracking_uri}"]
+    run_dir = driver_scenario.root / "runs" / "faults"
+    newest = corrupt(newest_folder(run_dir))
+    _, fallback = latest_checkpoint(run_dir)
+    began = time.monotonic()
+    outcome = run_training(load_config(overrides=overrides))
+    seconds = time.monotonic() - began
+    out = capsys.readouterr().out
+    assert f"skipped checkpoint {newest}: " in out and "(torn)" in out
+    assert f"training from {run_dir}/" in out and f"(step {fallback['loop']['step']})" in out
+    assert outcome.run_id == driver_scenario.first_run_id
+    state = latest_checkpoint(run_dir)[1]
+    assert state["loop"]["epoch"] == EPOCHS and state["loop"]["step"] == EPOCHS * STEPS_PER_EPOCH
+    again = run_training(load_config(overrides=overrides))
+    assert again.result is None and "run 'faults' is already finished: epoch 8 of train.epochs=8" in (
+        capsys.readouterr().out
+    )
+    with pytest.raises(ConfigError, match=r"the recipe of run 'faults' changed since .*: train.lr: 0.004 → 0.001;"):
+        run_training(load_config(overrides=[*overrides, "train.lr=1e-3", "train.epochs=9"]))
+    with pytest.raises(DataError, match=r"the data of run 'faults' changed since .* \(data.val: other content\)"):
+        run_training(load_config(overrides=[*overrides, f"data.val={demo.train}", "train.epochs=9"]))
+    summary(
+        "corrupt-newest-checkpoint-on-resume",
+        injected=1,
+        skipped_and_named=1,
+        resumed_from_step=fallback["loop"]["step"],
+        seconds=round(seconds),
+    )
+    summary("finished-run-rerun", injected=1, steps_trained=0, said_so=1)
 
 
 # ---- checkpoints and security -----------------------------------------------------------------------------------
@@ -642,6 +947,73 @@ def test_a_crash_mid_write_never_leaves_a_checkpoint_that_loads_as_valid(tmp_pat
         loaded_as_valid=0,
         previous_checkpoints_lost=0,
     )
+
+
+def fill_and_report(config: dict) -> None:
+    """A Ray Train worker that reports `config["checkpoints"]` checkpoints of 4 MiB each (state.pt and manifest, as
+    the training loop's Checkpointer writes them), uploaded the way `config["upload"]` says."""
+    upload = upload_whole if config["upload"] == "whole" else None
+    for number in range(config["checkpoints"]):
+        with tempfile.TemporaryDirectory() as folder:
+            save_state(folder, {"model": {"w": torch.full((2**20,), float(number))}}, {"loop": {"step": number}})
+            ray.train.report(
+                {"n": number}, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_upload_fn=upload
+            )
+
+
+@contextmanager
+def small_file_system(folder: Path, megabytes: int) -> Iterator[Path]:
+    """A real tmpfs of `megabytes` mounted at `folder` (needs root; skipped otherwise: the unit lane's RLIMIT_FSIZE
+    test covers the same code anywhere)."""
+    folder.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(folder)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip() or mounted.returncode})")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_full_disk_while_checkpointing_leaves_each_checkpoint_whole_or_absent(ray_session, tmp_path):
+    """Storage on a 10 MiB tmpfs, and three 4 MiB checkpoints: the third runs out of space mid-copy. With Ray
+    Train's own upload a torn checkpoint stays in storage; with the run's upload, only the two whole ones do."""
+    torn = {}
+    with small_file_system(tmp_path / "storage", 10) as storage:
+        for upload in ("ray-default", "whole"):
+            trainer = TorchTrainer(
+                fill_and_report,
+                train_loop_config={"checkpoints": 3, "upload": upload},
+                scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+                run_config=RunConfig(name=upload, storage_path=str(storage)),
+            )
+            with pytest.raises(ray.train.WorkerGroupError) as raised:
+                trainer.fit()
+            assert "No space left on device" in str(raised.value)
+            folders = checkpoint_folders(storage / upload)
+            torn[upload] = [folder.name for folder in folders if not _loads(folder)]
+            if upload == "whole":
+                assert len(folders) == 2 and torn[upload] == []
+                assert not list((storage / upload).glob(".checkpoint_*"))  # no staging folder left
+                assert "none was left" in str(raised.value)
+            shutil.rmtree(storage / upload)
+    assert torn["ray-default"], "Ray's own upload left no torn checkpoint: the fault was not reproduced"
+    summary(
+        "full-disk-while-checkpointing",
+        injected=2,
+        torn_in_storage_with_ray_default_upload=len(torn["ray-default"]),
+        torn_in_storage_with_whole_upload=len(torn["whole"]),
+    )
+
+
+def _loads(folder: Path) -> bool:
+    try:
+        load_state(folder)
+    except CheckpointError:
+        return False
+    return True
 
 
 def torch_load_calls(root: Path) -> list[tuple[str, bool]]:

@@ -126,3 +126,62 @@ def test_the_run_label_map_resolves_the_names_not_the_one_beside_the_manifest(tm
         read_manifest(manifest, labels=run_labels)
     with pytest.raises(ManifestError, match="label map not found"):
         read_manifest(manifest, labels=tmp_path / "absent.txt")
+
+
+def _fault(name: str, **figures: int) -> None:
+    print(f"FAULT {name}: " + " ".join(f"{key}={value}" for key, value in figures.items()))
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("bound", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("column", ["start_sec", "end_sec"])
+def test_a_segment_bound_that_is_not_finite_is_refused(tmp_path: Path, column: str, bound: str) -> None:
+    values = {"start_sec": "0.5", "end_sec": "2.0", column: bound}
+    manifest = _write(
+        tmp_path / "m.csv",
+        f"path,label,start_sec,end_sec\na.mp4,0,0,1\nb.mp4,0,{values['start_sec']},{values['end_sec']}\n",
+    )
+    with pytest.raises(ManifestError) as raised:
+        read_manifest(manifest)
+    assert f"row 2 has {column} {float(bound)}: must be a finite number of seconds" in str(raised.value)
+    parquet = tmp_path / "m.parquet"
+    write_manifest(pa.table({"path": ["a.mp4"], "label": [0], column: [float(bound)]}), parquet)
+    with pytest.raises(ManifestError, match=f"row 1 has {column} {float(bound)}"):
+        read_manifest(parquet)
+    _fault(f"manifest-{column}-{bound}", injected=1, refused_naming_the_row=1)
+
+
+@pytest.mark.faults
+def test_a_video_listed_twice_is_refused_naming_both_rows(tmp_path: Path) -> None:
+    twice = _write(tmp_path / "twice.csv", "path,label\na.mp4,0\nb.mp4,1\n./a.mp4,0\n")
+    with pytest.raises(ManifestError, match=r"rows 1 and 3 list the same video: '.*/a.mp4'$"):
+        read_manifest(twice)
+    two_labels = _write(tmp_path / "two_labels.csv", "path,label\na.mp4,0\nb.mp4,1\na.mp4,1\n")
+    with pytest.raises(ManifestError, match=r"rows 1 and 3 list the same video with two labels \(0, 1\)"):
+        read_manifest(two_labels)
+    segments = _write(tmp_path / "segments.csv", "path,label,start_sec,end_sec\na.mp4,0,0,5\na.mp4,1,5,10\n")
+    assert len(read_manifest(segments)) == 2  # two segments of one long video are two videos
+    same_segment = _write(tmp_path / "same.csv", "path,label,start_sec,end_sec\na.mp4,0,0,5\na.mp4,0,0,5\n")
+    with pytest.raises(ManifestError, match=r"rows 1 and 2 list the same video: '.*a.mp4' \[0.0, 5.0\] s"):
+        read_manifest(same_segment)
+    _fault("manifest-duplicates", injected=3, refused_naming_the_rows=3)
+
+
+@pytest.mark.faults
+def test_a_symlink_inside_the_root_that_points_outside_it_is_refused(tmp_path: Path) -> None:
+    root, outside = tmp_path / "root", tmp_path / "secret"
+    (root / "videos").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "x.mp4").write_bytes(b"not yours")
+    (root / "videos" / "x.mp4").symlink_to(outside / "x.mp4")
+    (root / "linked").symlink_to(outside, target_is_directory=True)
+    (root / "inside.mp4").write_bytes(b"ok")
+    (root / "videos" / "alias.mp4").symlink_to(root / "inside.mp4")
+    for listed in ("videos/x.mp4", "linked/x.mp4"):
+        manifest = _write(root / "m.csv", f"path,label\ninside.mp4,0\n{listed},0\n")
+        with pytest.raises(ManifestError, match=rf"row 2 path '{listed}' links to {outside}/x.mp4, outside the root"):
+            read_manifest(manifest)
+        assert len(read_manifest(manifest, allow_outside_root=True)) == 2
+    inside = _write(root / "ok.csv", "path,label\ninside.mp4,0\nvideos/alias.mp4,1\n")
+    assert len(read_manifest(inside)) == 2  # a link that stays inside the root is fine
+    _fault("manifest-symlink-escape", injected=2, refused_naming_the_row=2)

@@ -16,6 +16,7 @@ from pipeline.config import load_config
 from pipeline.data import dataset, index
 from pipeline.data.manifest import write_manifest
 from pipeline.data.sampling import ClipSpec
+from pipeline.errors import ConfigError
 from pipeline.training.driver import ValidationSplit, run_training
 from tests.clips import decode_tasks, eval_transform, train_transform
 
@@ -67,9 +68,11 @@ def test_two_workers_train_and_track(ray_session, small_run):
     assert {"model", "best_model"} <= logged
 
 
-def test_resume_continues_the_same_run(ray_session, small_run):
+def test_resume_continues_the_same_run(ray_session, small_run, capsys):
     first = run_training(small_run("train.epochs=1", "mlflow.log_models=false"))
-    second = run_training(small_run("train.epochs=2", "mlflow.log_models=false"))
+    with pytest.raises(ConfigError, match="already has 1 checkpoint"):  # a new command is never a silent no-op
+        run_training(small_run("train.epochs=2", "mlflow.log_models=false"))
+    second = run_training(small_run("train.epochs=2", "mlflow.log_models=false", "run.resume=latest"))
     assert second.run_id == first.run_id
     client = MlflowClient(first.tracking_uri)
     assert [value for _, value in metric_history(client, first.run_id, "train/epoch")] == [1.0, 2.0]
@@ -80,6 +83,10 @@ def test_resume_continues_the_same_run(ray_session, small_run):
     assert state["loop"]["epoch"] == 2 and state["mlflow_run_id"] == first.run_id
     runs = client.search_runs([client.get_experiment_by_name("mvit").experiment_id])
     assert len(runs) == 1
+    capsys.readouterr()
+    again = run_training(small_run("train.epochs=2", "mlflow.log_models=false", "run.resume=latest"))
+    assert again.result is None and again.run_id == first.run_id and again.metrics["epoch"] == 2
+    assert "run 'test' is already finished: epoch 2 of train.epochs=2" in capsys.readouterr().out
 
 
 def _collect_labels(config: dict) -> None:

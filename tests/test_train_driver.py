@@ -19,7 +19,7 @@ def test_num_classes_below_the_label_map_stops_on_the_driver_in_one_line(tmp_pat
 
 
 def test_an_epoch_line_says_where_training_is_and_how_long_is_left():
-    progress = EpochProgress(epochs=4, first_epoch=0)
+    progress = EpochProgress(epochs=4, first_epoch=0, device=torch.device("cpu"))
     progress.run_start -= 30.0  # two epochs took 30 s
     train = {"loss": 1.23456, "clips_per_sec": 12.34, "data_wait_frac": 0.081}
     progress.epoch_line(1, 8, train, {"val/top1": 0.5, "val/top5": 1.0})

@@ -27,6 +27,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     }
     for name, text in manifests.items():
         (root / name).write_text(text)
+    (root / "not_weights.pt").write_text("not a weights file\n")
     return root
 
 
@@ -39,6 +40,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ("data.train={root}/outside.csv", "outside.csv: row 2 path '../../etc/hosts' is outside the root", 3),
         ("data.train={root}/missing.csv", "data.train {root}/missing.csv: no such file", 3),
         ("model.pretrained={root}/missing.pt", "model.pretrained {root}/missing.pt: no such file", 4),
+        ("model.pretrained={root}/not_weights.pt", "model.pretrained {root}/not_weights.pt (native): ", 4),
     ],
 )
 def test_bad_data_or_settings_stop_training_in_one_line(

@@ -1,11 +1,12 @@
-"""`python -m jobs.benchmark {model,data,pipeline,scale,transcode} ...`: speed and size figures (BENCHMARKS.md)."""
+"""`python -m jobs.benchmark {model,data,pipeline,scale,transcode,augment,gpu-check} ...`: speed and size figures
+(BENCHMARKS.md records them)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from jobs.benchmark import data, model, pipeline, scale, storage, transcode
+from jobs.benchmark import augment, data, gpu_check, model, pipeline, scale, storage, transcode
 
 
 def main() -> int:
@@ -18,6 +19,8 @@ def main() -> int:
         ("scale", scale),
         ("transcode", transcode),
         ("storage", storage),
+        ("augment", augment),
+        ("gpu-check", gpu_check),
     ):
         sub = commands.add_parser(name, help=module.__doc__.splitlines()[0] if module.__doc__ else name)
         module.add_arguments(sub)

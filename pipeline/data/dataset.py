@@ -174,17 +174,20 @@ class _TrainViews:
         ]
         boxes = [self.transform.box(info.height, info.width, rng) for _ in clips]
         size = self.transform.crop_size
-        # The decoder scales a box that shrinks (converting straight to the output size); a smaller one is cut
-        # from the whole frame and enlarged afterwards.
+        # The decoder scales a box that shrinks (converting straight to the output size, bilinear as swscale does);
+        # a smaller one, or a bicubic crop resize, is cut from the whole frame and resized afterwards.
+        fuse = self.fused and self.transform.interpolation == "bilinear"
         return [
-            _Plan(clip, box, FrameCrop(box, (size, size)) if self.fused and min(box[2:]) >= size else None)
+            _Plan(clip, box, FrameCrop(box, (size, size)) if fuse and min(box[2:]) >= size else None)
             for clip, box in zip(clips, boxes)
         ]
 
     def views(self, clips: list[np.ndarray], plans: list[_Plan], rng: np.random.Generator) -> list[np.ndarray]:
         size = self.transform.crop_size
         return [
-            self.transform.finish(clip if plan.crop else resize(crop(clip, plan.box), size, size), rng)
+            self.transform.finish(
+                clip if plan.crop else resize(crop(clip, plan.box), size, size, self.transform.interpolation), rng
+            )
             for clip, plan in zip(clips, plans)
         ]
 

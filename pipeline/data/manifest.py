@@ -3,15 +3,18 @@
 The label map is one class name a line, the index being the line number: the one the run names (`data.labels`), or
 else `labels.txt` in the manifest's folder. Labels in a manifest are indices, or names looked up in that label map,
 so the names a run checks its counts against are the names its labels were resolved with. Relative paths resolve
-against a root (by default the manifest's folder); a path that leaves the root is refused unless explicitly
-allowed, so a manifest can't quietly read files elsewhere. Whether the files exist and decode is the index's
-business, not the manifest's. Every path here may be a local path or a URI (`s3://bucket/...`, see
-`pipeline.storage`); relative manifest paths resolve under a URI root as under a folder.
+against a root (by default the manifest's folder); a path that leaves the root, by `..` or through a symbolic link,
+is refused unless explicitly allowed, so a manifest can't quietly read files elsewhere. A video listed twice (the
+same path and segment) is refused, whether with one label or two: it would count twice per epoch, or teach both
+classes. Segment bounds must be finite. Whether the files exist and decode is the index's business, not the
+manifest's. Every path here may be a local path or a URI (`s3://bucket/...`, see `pipeline.storage`); relative
+manifest paths resolve under a URI root as under a folder.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
 
 import pyarrow as pa
@@ -103,7 +106,9 @@ def read_manifest(
         backwards = pc.greater_equal(columns["start_sec"], columns["end_sec"]).to_pylist()
         if True in backwards:
             raise ManifestError(f"{path}: row {backwards.index(True) + 1} has start_sec not before end_sec")
-    return pa.table(columns)
+    table = pa.table(columns)
+    _check_listed_once(table, path)
+    return table
 
 
 def _format(path: str) -> str:
@@ -123,7 +128,8 @@ def _read_table(path: str) -> pa.Table:
         if kind == "parquet":
             return pq.read_table(data)
         convert = pa_csv.ConvertOptions(
-            column_types={"path": pa.string(), "start_sec": pa.float64(), "end_sec": pa.float64()}
+            column_types={"path": pa.string(), "start_sec": pa.float64(), "end_sec": pa.float64()},
+            null_values=[""],  # only an empty cell is "not given": "nan" is a NaN, refused, not the video's end
         )
         return pa_csv.read_csv(data, convert_options=convert)
     except (pa.ArrowInvalid, OSError) as error:
@@ -133,9 +139,11 @@ def _read_table(path: str) -> pa.Table:
 def resolve_paths(
     values: list[str | None], base: str | os.PathLike, allow_outside_root: bool, source: str | os.PathLike
 ) -> list[str]:
-    """Paths of a manifest or index made absolute against `base` (a folder or a URI prefix); one outside it is
-    refused unless allowed, so neither a manifest nor an already-probed index can quietly read files elsewhere."""
+    """Paths of a manifest or index made absolute against `base` (a folder or a URI prefix); one outside it (by `..`,
+    or locally through a symbolic link) is refused unless allowed, so neither a manifest nor an already-probed index
+    can quietly read files elsewhere."""
     root = storage.absolute(base)
+    links = _LinkCheck(root) if not storage.is_uri(root) and not allow_outside_root else None
     resolved = []
     for row, value in enumerate(values, start=1):
         if value is None or not str(value).strip():
@@ -145,8 +153,55 @@ def resolve_paths(
             raise ManifestError(
                 f"{storage.redact(str(source))}: row {row} path {value!r} is outside the root {storage.redact(root)}"
             )
+        if links is not None:
+            links.check(absolute, row, value, source)
         resolved.append(absolute)
     return resolved
+
+
+class _LinkCheck:
+    """Refuses a local path that links outside the root: one realpath per folder, not per video (Kinetics: 400
+    folders, 240k videos)."""
+
+    def __init__(self, root: str) -> None:
+        self.root, self.real_root = root, os.path.realpath(root)
+        self.real_folders: dict[str, str] = {}
+
+    def check(self, absolute: str, row: int, value: str, source: str | os.PathLike) -> None:
+        folder, name = os.path.split(absolute)
+        if folder not in self.real_folders:
+            self.real_folders[folder] = os.path.realpath(folder)
+        real = os.path.realpath(absolute) if os.path.islink(absolute) else os.path.join(self.real_folders[folder], name)
+        if os.path.commonpath([self.real_root, real]) != self.real_root:
+            raise ManifestError(
+                f"{source}: row {row} path {value!r} links to {real}, outside the root {self.root} "
+                "(data.allow_outside_root=true allows it)"
+            )
+
+
+def _check_listed_once(table: pa.Table, manifest: str) -> None:
+    """Each video (path and segment) once: a second row is an accident that would count it twice per epoch, or,
+    with another label, teach it as both classes."""
+    keys = [name for name in ("path", "start_sec", "end_sec") if name in table.column_names]
+    seen: dict[tuple, tuple[int, int]] = {}
+    for row, values in enumerate(zip(*(table.column(name).to_pylist() for name in [*keys, "label"])), start=1):
+        *key, label = values
+        if tuple(key) in seen:
+            first, first_label = seen[tuple(key)]
+            what = (
+                "the same video" if label == first_label else f"the same video with two labels ({first_label}, {label})"
+            )
+            raise ManifestError(
+                f"{storage.redact(manifest)}: rows {first} and {row} list {what}: {key[0]!r}{_segment(keys, key)}"
+            )
+        seen[tuple(key)] = (row, label)
+
+
+def _segment(keys: list[str], key: list) -> str:
+    bounds = dict(zip(keys, key))
+    if "start_sec" not in bounds and "end_sec" not in bounds:
+        return ""
+    return f" [{bounds.get('start_sec')}, {bounds.get('end_sec')}] s"
 
 
 def _labels(column: pa.ChunkedArray, manifest: str, given: str | None) -> pa.Array:
@@ -178,6 +233,10 @@ def _seconds(column: pa.ChunkedArray, name: str, manifest: str) -> pa.Array:
         seconds = column.cast(pa.float64())
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         raise ManifestError(f"{manifest}: {name} must be a number of seconds") from None
+    values = seconds.to_pylist()
+    for row, value in enumerate(values, start=1):
+        if value is not None and not math.isfinite(value):
+            raise ManifestError(f"{manifest}: row {row} has {name} {value}: must be a finite number of seconds")
     if pc.any(pc.less(seconds, 0)).as_py():
         raise ManifestError(f"{manifest}: {name} must not be negative")
     return seconds.combine_chunks()

@@ -5,8 +5,8 @@ Clips stay uint8 all the way through Ray Data; normalising to float happens on t
 (a short-side scale jitter followed by a random crop is the same as a random box whose side is crop / scale).
 The box is drawn from the frame size alone (`TrainTransform.box`), so the clip pipeline can draw it before decoding
 and, when the box is larger than the output, have the decoder convert straight to the output size
-(`pipeline.data.video.FrameCrop`); `finish` then does the rest. RandAugment, random erasing and the like plug in
-as `augments`: functions of (clip, rng) run after crop and flip.
+(`pipeline.data.video.FrameCrop`); `finish` then does the rest. RandAugment and colour jitter
+(`pipeline.data.augment`) plug in as `augments`: functions of (clip, rng) run after crop and flip.
 """
 
 from __future__ import annotations
@@ -22,12 +22,16 @@ ClipAugment = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 Box = tuple[int, int, int, int]  # top, left, height, width
 
 
-def resize(clip: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bilinear resize with antialiasing, uint8 in and out."""
+def resize(clip: np.ndarray, height: int, width: int, mode: str = "bilinear") -> np.ndarray:
+    """Bilinear or bicubic resize with antialiasing, uint8 in and out (bicubic overshoot is clamped to 0–255)."""
     if clip.shape[1:3] == (height, width):
         return clip
     frames = torch.from_numpy(np.ascontiguousarray(clip)).permute(0, 3, 1, 2)  # a channels-last view, no copy
-    resized = F.interpolate(frames, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    if mode == "bicubic":  # torch's uint8 path is bilinear only
+        frames = frames.float()
+    resized = F.interpolate(frames, size=(height, width), mode=mode, antialias=True, align_corners=False)
+    if resized.dtype != torch.uint8:
+        resized = resized.round_().clamp_(0, 255).to(torch.uint8)
     return np.ascontiguousarray(resized.permute(0, 2, 3, 1).numpy())
 
 
@@ -120,10 +124,11 @@ class TrainTransform:
     crop_aspect: tuple[float, float]
     flip: bool
     augments: tuple[ClipAugment, ...] = ()
+    interpolation: str = "bilinear"  # of the box's resize: bilinear | bicubic
 
     def __call__(self, clip: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         box = self.box(*clip.shape[1:3], rng)
-        return self.finish(resize(crop(clip, box), self.crop_size, self.crop_size), rng)
+        return self.finish(resize(crop(clip, box), self.crop_size, self.crop_size, self.interpolation), rng)
 
     def box(self, height: int, width: int, rng: np.random.Generator) -> Box:
         """The source box of one clip of a height × width video."""

@@ -15,6 +15,7 @@ from pipeline.data.manifest import read_label_map
 from pipeline.data.sampling import ClipSpec
 from pipeline.data.transforms import EvalTransform
 from pipeline.data.video import probe
+from pipeline.errors import ConfigError
 from pipeline.evaluation.loading import LoadedModel, ModelReference, ModelSourceError
 from pipeline.tracking import resolve_tracking_uri
 
@@ -70,6 +71,11 @@ def clip_settings(cfg: EvaluationJobConfig, loaded: LoadedModel, explicit: set[s
         trained = loaded.data.get(key)
         values[key] = getattr(cfg.data, key) if f"data.{key}" in explicit or trained is None else trained
     values["mean"], values["std"] = list(values["mean"]), list(values["std"])
+    if values["crop_size"] > values["test_short_side"]:
+        raise ConfigError(
+            f"data.crop_size={values['crop_size']} is above data.test_short_side={values['test_short_side']} "
+            "(the model's settings with yours over them): test views are cut from that short side"
+        )
     return ClipSettings(**values)
 
 

@@ -8,9 +8,7 @@ and none is logged twice with different values.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import re
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -19,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline import storage
 from pipeline.config import flatten
 from pipeline.errors import ConfigError, TrackingError
+from pipeline.secrets import redact, shown
 
 if TYPE_CHECKING:
     from torch import nn
@@ -38,7 +36,6 @@ EXPERIMENT_TAGS = {
     "mlflow.note.content": "MViT video classification on Ray: training runs (mvit.kind=training) and the "
     "evaluations of their models (mvit.kind=evaluation, mvit.evaluates=<training run id>).",
 }
-SECRET_KEY = re.compile(r"(password|passwd|secret|token|api[_-]?key|credential)", re.IGNORECASE)
 MAX_PARAM_LENGTH = 6000
 CURVES = {"loss.png": ("train/loss", "val/loss"), "accuracy.png": ("val/top1", "val/top5")}
 VAL_KEYS = ("val/top1", "val/top5", "val/loss")
@@ -55,18 +52,11 @@ def resolve_tracking_uri(uri: str, base: Path) -> str:
     return uri
 
 
-def redact(value: Any) -> Any:
-    """A URI-like string without `user:password@` and with secret-named query values masked (`pipeline.storage`);
-    anything else as it is."""
-    return storage.redact(value) if isinstance(value, str) else value
-
-
 def safe_params(flat_config: dict[str, Any]) -> dict[str, str]:
     """MLflow params from a flat config: credentials stripped from URIs, secret-named keys masked."""
     params = {}
     for key, value in flat_config.items():
-        shown = "***" if SECRET_KEY.search(key) and value else redact(value)
-        params[key] = str(shown)[:MAX_PARAM_LENGTH]
+        params[key] = str(shown(key, value))[:MAX_PARAM_LENGTH]
     return params
 
 
@@ -95,16 +85,30 @@ def get_or_create_run(tracking_uri: str, experiment: str, run_key: str, run_name
 
     Called on the driver before the workers start, so a driver that dies and is run again finds the same run.
     """
+    return _training_run(tracking_uri, experiment, run_key, run_name, reuse=True)
+
+
+def create_run(
+    tracking_uri: str, experiment: str, run_key: str, run_name: str, tags: dict[str, str] | None = None
+) -> str:
+    """A new MLflow training run named `run_name`, tagged with the run's storage key (and `tags`)."""
+    return _training_run(tracking_uri, experiment, run_key, run_name, reuse=False, tags=tags)
+
+
+def _training_run(
+    tracking_uri: str, experiment: str, run_key: str, run_name: str, reuse: bool, tags: dict[str, str] | None = None
+) -> str:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
     try:
         experiment_id = ensure_experiment(client, tracking_uri, experiment)
-        escaped = run_key.replace("'", "\\'")
-        runs = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{escaped}'", max_results=1)
-        if runs:
-            return runs[0].info.run_id
-        tags = {RUN_KEY_TAG: run_key, KIND_TAG: "training"}
+        if reuse:
+            escaped = run_key.replace("'", "\\'")
+            found = client.search_runs([experiment_id], f"tags.`{RUN_KEY_TAG}` = '{escaped}'", max_results=1)
+            if found:
+                return found[0].info.run_id
+        tags = {RUN_KEY_TAG: run_key, KIND_TAG: "training", **(tags or {})}
         return client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
     except Exception as error:
         raise TrackingError(f"MLflow store {redact(tracking_uri)}: {_first_line(error)}") from None
@@ -259,7 +263,7 @@ class TrainingLogger(RunLogger):
         """Reopen the run on rank 0; params and inputs are logged on its first start only."""
         settings = job.config.mlflow
         logger = cls(settings.tracking_uri, run_id, settings.system_metrics, settings.retry_seconds)
-        logger.log_params_once(flatten(dataclasses.asdict(job.config)))
+        logger.log_params_once(flatten(job.public_config))  # credentials removed, interpolations unresolved
         logger.log_text(job.config_yaml, "config.yaml")
         logger.log_text("\n".join(job.labels) + "\n", "labels.txt")
         if job.excluded:

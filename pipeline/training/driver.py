@@ -1,4 +1,5 @@
-"""The driver side of training: resolve paths, probe the data, open the MLflow run, and run Ray Train's TorchTrainer."""
+"""The driver side of training: name and lock the run, resolve paths, check the settings, probe the data, open
+the MLflow run, and run Ray Train's TorchTrainer."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import copy
 import logging
 import math
 import uuid
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import pyarrow as pa
@@ -14,27 +18,22 @@ import pyarrow.compute as pc
 import ray.train
 import torch
 from omegaconf import DictConfig, OmegaConf
-from ray.train import (
-    CheckpointConfig,
-    FailureConfig,
-    LoggingConfig,
-    Result,
-    RunConfig,
-    ScalingConfig,
-    WorkerGroupError,
-)
-from ray.train.torch import TorchTrainer
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, Result, RunConfig, ScalingConfig
 
 import mvit
-from pipeline import storage, tracking
-from pipeline.config import DataConfig, ModelConfig, TrainingJobConfig, typed
+from pipeline import secrets, storage, tracking
+from pipeline.config import RESUME_LATEST, DataConfig, ModelConfig, TrainingJobConfig, typed
 from pipeline.data import index, manifest
+from pipeline.data.augment import clip_augments
 from pipeline.data.dataset import DecodeTasks, train_dataset, val_dataset
 from pipeline.data.demo import DemoDataset, make_demo_dataset
 from pipeline.data.sampling import ClipSpec
 from pipeline.data.transforms import EvalTransform, TrainTransform
-from pipeline.errors import ConfigError, DataError, ModelError, UserError
-from pipeline.training.job import TrainJob
+from pipeline.errors import ConfigError, DataError, ModelError
+from pipeline.training import lifecycle, preflight
+from pipeline.training.failures import RunTrainer, unfixable
+from pipeline.training.job import ResumePoint, TrainJob
+from pipeline.training.run_lock import run_lock
 from pipeline.training.worker import train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -48,6 +47,7 @@ PATH_KEYS = (
     "data.index_cache",
     "data.demo.out",
     "run.storage_path",
+    "run.resume",
     "model.pretrained",
 )
 
@@ -85,7 +85,7 @@ def resolve_paths(cfg: DictConfig, base: Path) -> DictConfig:
     OmegaConf.resolve(cfg)
     for key in PATH_KEYS:
         value = OmegaConf.select(cfg, key)
-        if value and not storage.is_uri(value):
+        if value and not storage.is_uri(value) and not (key == "run.resume" and value == RESUME_LATEST):
             OmegaConf.update(cfg, key, str((base / storage.local(value)).resolve()))
     cfg.mlflow.tracking_uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri, base)
     return cfg
@@ -180,7 +180,7 @@ def check_num_classes(num_classes: int, labels: list[str], labels_path: str) -> 
 
 
 def train_transform(data: DataConfig) -> TrainTransform:
-    """The training crops and flips that `data.crop_size` and `data.augment` describe."""
+    """The training crops, flips and clip augmentations that `data.crop_size` and `data.augment` describe."""
     augment = data.augment
     return TrainTransform(
         crop_size=data.crop_size,
@@ -189,6 +189,8 @@ def train_transform(data: DataConfig) -> TrainTransform:
         crop_area=(augment.min_area, augment.max_area),
         crop_aspect=(augment.min_aspect, augment.max_aspect),
         flip=augment.flip,
+        augments=clip_augments(augment.rand_augment, augment.rand_augment_interpolation, augment.color_jitter),
+        interpolation=augment.crop_interpolation,
     )
 
 
@@ -221,28 +223,52 @@ def build_datasets(
     }
 
 
-def build_trainer(cfg: TrainingJobConfig, config_yaml: str, plan: DataPlan, run_id: str) -> TorchTrainer:
+def make_job(
+    cfg: TrainingJobConfig,
+    plan: DataPlan,
+    run_id: str,
+    raw: DictConfig | None = None,
+    resume: ResumePoint | None = None,
+    data_identity: dict[str, str] | None = None,
+) -> TrainJob:
+    """What every worker gets: the config with environment values left for the worker to resolve (`raw`: the config
+    as the user wrote it), the public config that may be written, and where to start."""
+    raw = raw if raw is not None else OmegaConf.structured(cfg)
     data, train = cfg.data, cfg.train
+    public = secrets.public_config(raw, cfg)
     # One counter per training call: a counter left by an earlier call in this process may be dying (it lives only
     # while something references it), and a fresh name can't be handed such a one.
     skip_counter = f"skips-{cfg.run.name}-{uuid.uuid4().hex[:8]}"
-    epoch_clock = f"epoch-{skip_counter}"
     clips_per_epoch = plan.train_index.num_rows * data.num_clips
-    job = TrainJob(
-        config=cfg,
-        config_yaml=config_yaml,
+    return TrainJob(
+        config=secrets.for_workers(raw, cfg, PATH_KEYS),
+        public_config=public,
+        config_yaml=OmegaConf.to_yaml(public),
         labels=plan.labels,
         num_classes=cfg_classes(cfg, plan),
         input_size=(data.num_frames, data.crop_size, data.crop_size),
         excluded=plan.excluded,
-        steps_per_epoch=max(clips_per_epoch // (train.batch_size * cfg.scaling.num_workers), 1),
+        # optimizer steps: each takes train.accumulate_steps batches on every worker
+        steps_per_epoch=max(
+            clips_per_epoch // (train.batch_size * cfg.scaling.num_workers * train.accumulate_steps), 1
+        ),
         mlflow_run_id=run_id,
         skip_counter=skip_counter,
-        epoch_clock=epoch_clock,
+        epoch_clock=f"epoch-{skip_counter}",
+        resume=resume or ResumePoint(),
+        data_identity=data_identity or {},
     )
-    datasets = build_datasets(data, plan, skip_counter, train.seed, epoch_clock)
+
+
+def build_trainer(
+    cfg: TrainingJobConfig, config_yaml: str, plan: DataPlan, run_id: str, job: TrainJob | None = None
+) -> RunTrainer:
+    """The TorchTrainer of `job` (default: a job made from `cfg` alone); `config_yaml` is kept for callers of the
+    older signature and ignored when `job` is given."""
+    job = job or make_job(cfg, plan, run_id)
+    datasets = build_datasets(cfg.data, plan, job.skip_counter, cfg.train.seed, job.epoch_clock)
     storage_path, storage_filesystem = storage.for_ray(cfg.run.storage_path)
-    return TorchTrainer(
+    return RunTrainer(
         train_loop_per_worker,
         train_loop_config=job,
         scaling_config=ScalingConfig(
@@ -269,38 +295,110 @@ class TrainingOutcome:
     tracking_uri: str
     result: Result | None
     metrics: dict[str, float]
+    run_name: str = ""
+    shown_tracking_uri: str = ""  # what may be printed: no credentials, environment values unresolved
+
+
+@dataclass
+class OpenRun:
+    """A run named, locked and planned on the driver, before anything is trained."""
+
+    raw: DictConfig  # the config as the user wrote it (environment interpolations unresolved)
+    config: TrainingJobConfig  # resolved, paths absolute, run.name set
+    plan: lifecycle.RunPlan
+    notes: list[str] = field(default_factory=list)
+
+
+@contextmanager
+def open_run(cfg: DictConfig, base: Path | None = None) -> Iterator[OpenRun]:
+    """Name the run, hold its lock for the duration and choose where it starts; needs no Ray, so that a refused
+    command ends in a second."""
+    config: TrainingJobConfig = typed(resolve_paths(cfg, base or Path.cwd()))
+    config.run.name = lifecycle.run_name(config, datetime.now())
+    lock = run_lock(storage.join(config.run.storage_path, config.run.name), config.run.name)
+    note = lock.acquire()
+    try:
+        plan = lifecycle.plan_run(config, config.run.name)
+        yield OpenRun(cfg, config, plan, [note, *plan.notes] if note else plan.notes)
+    finally:
+        lock.release()
 
 
 def run_training(cfg: DictConfig, base: Path | None = None) -> TrainingOutcome:
-    """Train as configured; re-running with the same `run.name` and `run.storage_path` resumes."""
-    resolved = resolve_paths(cfg, base or Path.cwd())
-    job_config: TrainingJobConfig = typed(resolved)
-    use_demo_if_unset(job_config.data)
-    plan = plan_data(job_config)
-    announce_pretrained(job_config.model, cfg_classes(job_config, plan))
-    mlflow = job_config.mlflow
-    run_key = storage.redact(f"{job_config.run.storage_path}/{job_config.run.name}")
-    run_id = tracking.get_or_create_run(mlflow.tracking_uri, mlflow.experiment, run_key, job_config.run.name)
-    print(f"MLflow run {run_id} in experiment '{mlflow.experiment}' at {tracking.redact(mlflow.tracking_uri)}")
+    """Train as configured: a new run, or the one `run.resume` names (see `pipeline/training/lifecycle.py`)."""
+    with open_run(cfg, base) as run:
+        return train(run)
+
+
+def train(run: OpenRun) -> TrainingOutcome:
+    """Check everything a worker would fail on, then train the run (or say that it is finished)."""
+    config, plan = run.config, run.plan
+    use_demo_if_unset(config.data)
+    public = secrets.public_config(run.raw, config)
+    identity = lifecycle.data_identity(config.data)
+    lifecycle.check_resumable(plan, config, public, identity)
+    shown_uri = public["mlflow"]["tracking_uri"]
+    for note in run.notes:
+        print(note)
+    if lifecycle.finished(plan, config.train.epochs):
+        return already_finished(plan, config, shown_uri)
+    labels = manifest.read_label_map(config.data.labels or manifest.label_map_path(config.data.train))
+    preflight.check_model(config, config.model.num_classes or len(labels))
+    announce_pretrained(config.model, config.model.num_classes or len(labels))
+    data_plan = plan_data(config)
+    start = f"from {plan.start} (step {plan.manifest['loop']['step']})" if plan.start else "from scratch"
+    print(f"run '{plan.name}' in {plan.run_dir}: training {start}")
+    tracking_uri = tracking.credentials_to_environment(config.mlflow.tracking_uri)  # this process's MLflow calls
+    run_id = mlflow_run(config, plan, tracking_uri)
+    print(f"MLflow run {run_id} in experiment '{config.mlflow.experiment}' at {shown_uri}")
+    resume = ResumePoint(str(plan.start) if plan.start else None, plan.preexisting)
+    job = make_job(config, data_plan, run_id, run.raw, resume, identity)
     try:
-        result = fit(build_trainer(job_config, OmegaConf.to_yaml(OmegaConf.structured(job_config)), plan, run_id))
+        result = fit(build_trainer(config, job.config_yaml, data_plan, run_id, job))
     except Exception:
         try:
-            tracking.end_run(mlflow.tracking_uri, run_id, "FAILED")  # a rerun reopens it
+            tracking.end_run(tracking_uri, run_id, "FAILED")  # a rerun reopens it
         except Exception as error:  # a store that does not answer: the error that stopped training comes first
             log.warning("could not mark MLflow run %s FAILED: %s", run_id, error)
         raise
-    tracking.check_record(mlflow.tracking_uri, run_id, models_expected=mlflow.log_models)
+    tracking.check_record(tracking_uri, run_id, models_expected=config.mlflow.log_models)
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float) and math.isfinite(v)}
-    return TrainingOutcome(run_id, mlflow.tracking_uri, result, metrics)
+    return TrainingOutcome(run_id, tracking_uri, result, metrics, plan.name, shown_uri)
 
 
-def fit(trainer: TorchTrainer) -> Result:
-    """Run `trainer`; a run stopped by itself raises that one-line error, not Ray's traceback report."""
+def mlflow_run(config: TrainingJobConfig, plan: lifecycle.RunPlan, tracking_uri: str) -> str:
+    """The MLflow run this command logs to: its checkpoint's (or a new one tagged with it), else a new one."""
+    experiment, key = config.mlflow.experiment, storage.redact(storage.join(config.run.storage_path, plan.name))
+    if plan.start is not None:
+        previous, step = plan.manifest.get("mlflow_run_id"), plan.manifest["loop"]["step"]
+        branch = config.run.resume != RESUME_LATEST  # a checkpoint chosen by path
+        run_id, note = tracking.continue_run(tracking_uri, experiment, key, plan.name, previous, step, branch)
+        if note:
+            print(note)
+        return run_id
+    if config.run.resume == RESUME_LATEST:  # started before but never checkpointed: the same MLflow run
+        return tracking.get_or_create_run(tracking_uri, experiment, key, plan.name)
+    return tracking.create_run(tracking_uri, experiment, key, plan.name)
+
+
+def already_finished(plan: lifecycle.RunPlan, config: TrainingJobConfig, shown_uri: str) -> TrainingOutcome:
+    loop = plan.manifest["loop"]
+    print(
+        f"run '{plan.name}' is already finished: epoch {loop['epoch']} of train.epochs={config.train.epochs}, step "
+        f"{loop['step']} ({plan.start}); nothing to train (a larger train.epochs continues it)"
+    )
+    metrics = dict(plan.manifest.get("metrics", {}))
+    uri = tracking.credentials_to_environment(config.mlflow.tracking_uri)
+    return TrainingOutcome(plan.manifest.get("mlflow_run_id", ""), uri, None, metrics, plan.name, shown_uri)
+
+
+def fit(trainer: RunTrainer) -> Result:
+    """Run `trainer`; a run that failed on a user error (a restart would not help) raises that one-line error, not
+    Ray's traceback report."""
     try:
         return trainer.fit()
-    except WorkerGroupError as error:
-        stopped = [failure for failure in error.worker_failures.values() if isinstance(failure, UserError)]
-        if stopped:
-            raise stopped[0] from None
+    except Exception as error:
+        found = unfixable(error)
+        if found is not None:
+            raise found from None
         raise
