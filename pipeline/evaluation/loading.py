@@ -120,7 +120,7 @@ def _from_weights(path: str, reference: ModelReference, source: str) -> LoadedMo
 def _checkpoints_near(path: str) -> str:
     """The checkpoints that do exist where `path` points (Ray names them by time, so a guessed name misses)."""
     for folder in (storage.parent(path), path):
-        found = [entry.name for entry in checkpoints.checkpoint_folders(folder)]
+        found = sorted(entry.name for entry in checkpoints.checkpoint_folders(folder))
         if found:
             shown = ", ".join(found[-5:])
             return f"; checkpoints in {storage.redact(folder)}: {shown}{' (newest last)' if len(found) > 1 else ''}"
@@ -145,7 +145,7 @@ def load_model(reference: ModelReference) -> LoadedModel:
     is_dir = found.is_dir
     if is_dir and not storage.is_file(storage.join(path, checkpoints.STATE_FILE)):
         newest = checkpoints.latest_checkpoint(storage.parent(path), storage.name(path))  # a run: its newest one
-        path = newest or path
+        path = str(newest) if newest else path
     try:
         state = checkpoints.load_state(path) if is_dir else checkpoints.read_torch_file(path)
     except Exception as error:

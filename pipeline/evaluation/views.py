@@ -31,7 +31,7 @@ def model_reference(cfg: EvaluationJobConfig, base: Path) -> ModelReference:
         if found is None:
             where = storage.redact(f"{cfg.run.storage_path}/{cfg.run.name}")
             raise ModelSourceError(f"no model given and no checkpoint under {where}; pass model=PATH_OR_URI")
-        reference = found
+        reference = str(found)
     elif "://" not in reference and ":/" not in reference:
         reference = str((base / reference).resolve())
     return ModelReference(
