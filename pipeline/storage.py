@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
 
@@ -174,10 +175,8 @@ class UriPath(str):
         return UriPath(join(self, os.fspath(other)))
 
 
-def as_path(path: str | os.PathLike) -> os.PathLike | UriPath:
+def as_path(path: str | os.PathLike) -> Path | UriPath:
     """A local path as a `pathlib.Path`, a URI as a `UriPath`."""
-    from pathlib import Path
-
     return UriPath(str(path)) if is_uri(path) else Path(local(path))
 
 
