@@ -13,6 +13,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline import storage
 from pipeline.config import flatten, load_config
 from pipeline.errors import UserError
 from pipeline.secrets import public_config
@@ -23,7 +24,7 @@ def run_job(prog: str, body: Callable[[], int]) -> int:
     try:
         return body()
     except UserError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {storage.scrub(str(error))}", file=sys.stderr)  # no credentials of a URI in it
         return error.exit_code
 
 

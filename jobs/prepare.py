@@ -5,7 +5,9 @@
     index      probe every video of a manifest on the Ray cluster and write the Parquet index training reads
     transcode  re-encode a manifest's videos on the Ray cluster (smaller, shorter GOPs) and write a new manifest
 
-Bad input ends with one line on stderr and the exit code of its kind (see the README).
+Every path may be a local path or a URI (`s3://bucket/...`): manifests, label maps, indexes and class folders are
+read from and written to object storage as they are locally. Bad input ends with one line on stderr and the exit
+code of its kind (see the README).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sys
 from pathlib import Path
 
 from jobs.cli import run_job
+from pipeline import storage
 from pipeline.data.demo import make_demo_dataset
 from pipeline.data.importers import Imported, import_folders, import_kinetics, import_pyslowfast, import_ssv2
 from pipeline.data.manifest import (
@@ -25,7 +28,7 @@ from pipeline.data.manifest import (
     write_label_map,
     write_manifest,
 )
-from pipeline.errors import DataError
+from pipeline.errors import ConfigError, DataError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,11 +58,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.set_defaults(command=_demo)
 
     index = commands.add_parser("index", help="probe a manifest's videos into a Parquet index, on Ray")
-    index.add_argument("--manifest", type=Path, required=True)
-    index.add_argument("--out", type=Path, required=True, help="index file to write (.parquet)")
-    index.add_argument("--root", type=Path, help="where relative paths start (default: the manifest's folder)")
+    index.add_argument("--manifest", required=True, help="a path or a URI (s3://...), as every path here")
+    index.add_argument("--out", required=True, help="index file to write (.parquet)")
+    index.add_argument("--root", help="where relative paths start (default: the manifest's folder)")
     index.add_argument("--allow-outside-root", action="store_true", help="accept paths that leave the root")
-    index.add_argument("--labels", type=Path, help="label map for class names (default: labels.txt beside it)")
+    index.add_argument("--labels", help="label map for class names (default: labels.txt beside it)")
     index.add_argument("--cpus-per-task", type=float, default=1.0, help="(default: 1)")
     index.add_argument("--concurrency", type=int, help="most probe tasks at once (default: as many as fit)")
     index.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else start a local Ray)")
@@ -70,38 +73,38 @@ def _parser() -> argparse.ArgumentParser:
     importer = commands.add_parser("import", help="write a manifest and label map from another format")
     formats = importer.add_subparsers(required=True, metavar="{kinetics,pyslowfast,ssv2,folders}")
     kinetics = formats.add_parser("kinetics", help="a Kinetics CSV: label,youtube_id,time_start,time_end,split")
-    kinetics.add_argument("--csv", type=Path, required=True)
-    kinetics.add_argument("--labels", type=Path, help="class names, one a line (default: the CSV's labels sorted)")
+    kinetics.add_argument("--csv", required=True)
+    kinetics.add_argument("--labels", help="class names, one a line (default: the CSV's labels sorted)")
     kinetics.add_argument("--suffix", default=".mp4", help="video file suffix (default: .mp4)")
     kinetics.set_defaults(
         command=_import, read=lambda a: import_kinetics(a.csv, names=_names(a.labels), suffix=a.suffix)
     )
     pyslowfast = formats.add_parser("pyslowfast", help="a PySlowFast list: `path label` per line")
-    pyslowfast.add_argument("--list", type=Path, required=True)
-    pyslowfast.add_argument("--labels", type=Path, help="class names, one a line (default: 0, 1, ...)")
+    pyslowfast.add_argument("--list", required=True)
+    pyslowfast.add_argument("--labels", help="class names, one a line (default: 0, 1, ...)")
     pyslowfast.set_defaults(command=_import, read=lambda a: import_pyslowfast(a.list, names=_names(a.labels)))
     ssv2 = formats.add_parser("ssv2", help="Something-Something v2 annotations and label JSON")
-    ssv2.add_argument("--annotations", type=Path, required=True, help="e.g. something-something-v2-train.json")
-    ssv2.add_argument("--labels-json", type=Path, required=True, help="something-something-v2-labels.json")
+    ssv2.add_argument("--annotations", required=True, help="e.g. something-something-v2-train.json")
+    ssv2.add_argument("--labels-json", required=True, help="something-something-v2-labels.json")
     ssv2.add_argument("--suffix", default=".webm", help="video file suffix (default: .webm)")
     ssv2.set_defaults(command=_import, read=lambda a: import_ssv2(a.annotations, a.labels_json, suffix=a.suffix))
     folders = formats.add_parser("folders", help="one folder of videos per class")
-    folders.add_argument("--root", type=Path, required=True, help="the folder holding the class folders")
-    folders.add_argument("--labels", type=Path, help="class names, one a line (default: the folder names sorted)")
+    folders.add_argument("--root", required=True, help="the folder (or bucket prefix) holding the class folders")
+    folders.add_argument("--labels", help="class names, one a line (default: the folder names sorted)")
     folders.set_defaults(
         command=_import,
-        read=lambda a: import_folders(a.root, names=_names(a.labels), manifest_dir=a.out.parent),
+        read=lambda a: import_folders(a.root, names=_names(a.labels), manifest_dir=storage.parent(a.out)),
     )
     for command in (kinetics, pyslowfast, ssv2, folders):
-        command.add_argument("--out", type=Path, required=True, help="manifest to write (.parquet or .csv)")
+        command.add_argument("--out", required=True, help="manifest to write (.parquet or .csv)")
     return parser
 
 
 def _add_transcode(commands: argparse._SubParsersAction) -> None:
     transcode = commands.add_parser("transcode", help="re-encode a manifest's videos for fast decoding, on Ray")
-    transcode.add_argument("--manifest", type=Path, required=True)
-    transcode.add_argument("--out", type=Path, required=True, help="folder for the videos and the new manifest")
-    transcode.add_argument("--root", type=Path, help="where relative paths start (default: the manifest's folder)")
+    transcode.add_argument("--manifest", required=True, help="(a local path: transcode reads and writes no URIs)")
+    transcode.add_argument("--out", required=True, help="folder for the videos and the new manifest")
+    transcode.add_argument("--root", help="where relative paths start (default: the manifest's folder)")
     transcode.add_argument("--allow-outside-root", action="store_true", help="accept paths that leave the root")
     # the defaults are measured in BENCHMARKS.md ("Re-encoding")
     transcode.add_argument("--short-side", type=int, default=320, help="scale down to this short side (%(default)s)")
@@ -146,7 +149,8 @@ def _index(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
     )
     print(
-        f"indexed {summary.total} videos into {summary.path}: {summary.usable} usable, {len(summary.unusable)} left out"
+        f"indexed {summary.total} videos into {storage.redact(summary.path)}: {summary.usable} usable, "
+        f"{len(summary.unusable)} left out"
     )
     for path, reason in summary.unusable:
         print(f"  left out {path}: {reason}")
@@ -158,6 +162,12 @@ def _transcode(args: argparse.Namespace) -> int:
     from pipeline.cluster import connect
     from pipeline.data.transcode import EncodeSettings, plan_transcode, transcode_manifest
 
+    given = [str(value) for value in (args.manifest, args.out, args.root) if value is not None]
+    if any(storage.is_uri(value) for value in given):
+        raise ConfigError(
+            "transcode reads and writes local paths only (a shared file system); for videos in a bucket, run it "
+            "where they are mounted or copied, then upload its --out folder"
+        )
     tune = "" if args.tune == "none" else args.tune
     settings = EncodeSettings(args.short_side, args.gop, args.crf, args.preset, tune)
     plan_transcode(args.manifest, args.out, args.root, args.allow_outside_root)  # refuse a bad plan before Ray
@@ -186,19 +196,22 @@ def _transcode(args: argparse.Namespace) -> int:
 def _import(args: argparse.Namespace) -> int:
     imported: Imported = args.read(args)
     labels = label_map_path(args.out)
-    if labels.exists() and read_label_map(labels) != imported.names:
+    if storage.exists(labels) and read_label_map(labels) != imported.names:
         raise ManifestError(
-            f"{labels} already holds different class names; write this manifest elsewhere or pass --labels"
+            f"{storage.redact(labels)} already holds different class names; write this manifest elsewhere or pass "
+            "--labels"
         )
     write_manifest(imported.table, args.out)
     write_label_map(imported.names, labels)
-    print(f"wrote {imported.table.num_rows} videos of {len(imported.names)} classes to {args.out} and {labels}")
+    shown = storage.redact(args.out), storage.redact(labels)
+    print(f"wrote {imported.table.num_rows} videos of {len(imported.names)} classes to {shown[0]} and {shown[1]}")
     if imported.root is not None:
-        print(f"its paths start at {imported.root}: index it with --root {imported.root}, train with data.root=...")
+        root = storage.redact(imported.root)
+        print(f"its paths start at {root}: index it with --root {root}, train with data.root=...")
     return 0
 
 
-def _names(path: Path | None) -> list[str] | None:
+def _names(path: str | None) -> list[str] | None:
     return read_label_map(path) if path is not None else None
 
 

@@ -7,11 +7,15 @@ The manifest holds the size and SHA-256 of `state.pt` and a small summary (epoch
 config, the data identity, the last metrics), so that the driver can decide how to resume without loading the
 state. A directory without a manifest, or whose `state.pt` does not match it (torn by a full disk, cut off by a
 crash mid-copy, bit rot), is incomplete and never loads: a checkpoint is complete or it is not one.
+
+Checkpoints are written locally (Ray Train uploads them) and read, verified and listed in a local folder or in
+object storage (`s3://...`, where Ray Train keeps them when `run.storage_path` is a URI) through `pipeline.storage`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -19,6 +23,7 @@ from typing import Any
 
 import torch
 
+from pipeline import storage
 from pipeline.errors import ModelError
 
 STATE_FILE = "state.pt"
@@ -92,42 +97,66 @@ def _os_error_behind(error: BaseException | None) -> OSError | None:
     return error
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _manifest(directory: str | Path) -> dict[str, Any]:
+    """The manifest of a checkpoint folder (local or in a bucket) and the entry of its state file."""
+    shown = storage.redact(str(directory))
+    state, manifest_path = storage.as_path(directory) / STATE_FILE, storage.as_path(directory) / MANIFEST_FILE
+    if not storage.is_file(state):
+        raise CheckpointError(f"checkpoint {shown}: no {STATE_FILE} (incomplete or not a training checkpoint)")
+    if not storage.is_file(manifest_path):
+        raise CheckpointError(f"checkpoint {shown}: no {MANIFEST_FILE} (a save that did not finish)")
+    try:
+        manifest = json.loads(storage.read_text(manifest_path))
+        manifest["files"][STATE_FILE]["bytes"], manifest["files"][STATE_FILE]["sha256"]
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"checkpoint {shown}: {MANIFEST_FILE} is unreadable") from None
+    return manifest
+
+
+def _check(directory: str | Path, expected: dict[str, Any], size: int, sha256: str) -> None:
+    shown = storage.redact(str(directory))
+    if size != expected["bytes"]:
+        raise CheckpointError(f"checkpoint {shown}: {STATE_FILE} has {size} bytes, not {expected['bytes']} (torn)")
+    if sha256 != expected["sha256"]:
+        raise CheckpointError(f"checkpoint {shown}: {STATE_FILE} does not match its SHA-256 (corrupt)")
 
 
 def verify(directory: str | Path) -> dict[str, Any]:
-    """The manifest of a complete checkpoint; a CheckpointError saying what is wrong otherwise."""
-    directory = Path(directory)
-    state, manifest_path = directory / STATE_FILE, directory / MANIFEST_FILE
-    if not state.is_file():
-        raise CheckpointError(f"checkpoint {directory}: no {STATE_FILE} (incomplete or not a training checkpoint)")
-    if not manifest_path.is_file():
-        raise CheckpointError(f"checkpoint {directory}: no {MANIFEST_FILE} (a save that did not finish)")
+    """The manifest of a complete checkpoint; a CheckpointError saying what is wrong otherwise (a StorageError
+    becomes one too: an unreadable checkpoint is not complete)."""
     try:
-        manifest = json.loads(manifest_path.read_text())
-        expected = manifest["files"][STATE_FILE]
-    except (ValueError, KeyError, TypeError):
-        raise CheckpointError(f"checkpoint {directory}: {MANIFEST_FILE} is unreadable") from None
-    size = state.stat().st_size
-    if size != expected["bytes"]:
-        raise CheckpointError(f"checkpoint {directory}: {STATE_FILE} has {size} bytes, not {expected['bytes']} (torn)")
-    if _sha256(state) != expected["sha256"]:
-        raise CheckpointError(f"checkpoint {directory}: {STATE_FILE} does not match its SHA-256 (corrupt)")
+        manifest = _manifest(directory)
+        state = storage.as_path(directory) / STATE_FILE
+        _check(directory, manifest["files"][STATE_FILE], storage.info(state).size, storage.sha256(state))
+    except storage.StorageError as error:
+        raise CheckpointError(f"checkpoint {error}") from None
     return manifest
+
+
+def read_torch_file(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """`torch.load` of a local file or an object in storage (fetched whole), tensors and plain containers only."""
+    path = os.fspath(path)
+    source = io.BytesIO(storage.read_bytes(path)) if storage.is_uri(path) else path
+    return torch.load(source, map_location=map_location, weights_only=True)
 
 
 def load_state(directory: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by `save_state`, verified against its manifest; tensors and plain containers only
-    (weights_only=True)."""
-    verify(directory)
-    path = Path(directory) / STATE_FILE
+    (weights_only=True). An object in a bucket is fetched once, and verified on the bytes fetched."""
+    path = storage.as_path(directory) / STATE_FILE
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        if storage.is_uri(path):
+            expected = _manifest(directory)["files"][STATE_FILE]
+            data = storage.read_bytes(path)
+            _check(directory, expected, len(data), hashlib.sha256(data).hexdigest())
+            source: Any = io.BytesIO(data)
+        else:
+            verify(directory)
+            source = path
+    except storage.StorageError as error:
+        raise CheckpointError(f"checkpoint {error}") from None
+    try:
+        state = torch.load(source, map_location=map_location, weights_only=True)
     except Exception as error:  # a foreign file: say which one, not a pickle traceback
         raise CheckpointError(f"checkpoint {path}: unreadable ({type(error).__name__}: {error})") from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
@@ -136,8 +165,15 @@ def load_state(directory: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def checkpoint_folders(run_dir: str | Path) -> list[Path]:
-    """The checkpoint folders of a run, newest first (Ray Train names them by the time they were reported)."""
-    return sorted((path for path in Path(run_dir).glob(CHECKPOINT_GLOB) if path.is_dir()), reverse=True)
+    """The checkpoint folders of a run (local `Path`s, or `storage.UriPath`s in a bucket), newest first (Ray Train
+    names them by the time they were reported); [] if the run has none."""
+    if not storage.is_uri(run_dir):
+        return sorted((path for path in Path(run_dir).glob(CHECKPOINT_GLOB) if path.is_dir()), reverse=True)
+    if not storage.is_dir(run_dir):
+        return []
+    prefix = CHECKPOINT_GLOB.rstrip("*")
+    found = [storage.UriPath(e.path) for e in storage.list_dir(run_dir) if e.is_dir and e.name.startswith(prefix)]
+    return sorted(found, reverse=True)
 
 
 def newest_complete(folders: list[Path]) -> tuple[Path, dict[str, Any], list[tuple[Path, str]]] | None:
@@ -152,11 +188,18 @@ def newest_complete(folders: list[Path]) -> tuple[Path, dict[str, Any], list[tup
     return None
 
 
+def _run_dirs(storage_path: str) -> list[Path]:
+    if not storage.is_uri(storage_path):
+        return sorted(Path(storage_path).glob("*/"))
+    if not storage.is_dir(storage_path):
+        return []
+    return [storage.UriPath(entry.path) for entry in storage.list_dir(storage_path) if entry.is_dir]
+
+
 def latest_checkpoint(storage_path: str, run_name: str) -> Path | None:
-    """The newest complete checkpoint of a run (of any run under `storage_path` when `run_name` is empty), for
-    evaluation with no model given."""
-    storage = Path(storage_path)
-    run_dirs = [storage / run_name] if run_name else sorted(storage.glob("*/"))
+    """The newest complete checkpoint of a run (of any run under `storage_path` when `run_name` is empty), in a
+    local folder or under a URI, for evaluation with no model given."""
+    run_dirs = [storage.as_path(storage_path) / run_name] if run_name else _run_dirs(storage_path)
     folders = sorted((f for run_dir in run_dirs for f in checkpoint_folders(run_dir)), key=lambda f: f.name)
     found = newest_complete(folders[::-1])
     return found[0] if found else None

@@ -1,4 +1,5 @@
-"""Shared fixtures: one real local Ray per test session, the demo dataset, training overrides, MLflow stores.
+"""Shared fixtures: one real local Ray per test session, the demo dataset, training overrides, MLflow stores, a
+local S3 server.
 
 Lanes: every test that uses `ray_session` (directly or through another fixture) or is marked `ray`, `cluster` or
 `faults` starts Ray; `slow` ones (torch.compile, full-size peer models) take long without it; every other test is marked
@@ -8,8 +9,10 @@ Lanes: every test that uses `ray_session` (directly or through another fixture) 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,6 +31,55 @@ def shared_videos() -> Path:
     if not folder.is_dir():
         pytest.skip(f"shared test videos not found at {folder}")
     return folder
+
+
+@dataclass
+class LocalS3:
+    """moto's S3 server on 127.0.0.1 behind the counting, fault-injecting proxy that every request goes through."""
+
+    server: Any  # jobs.benchmark.local_s3.MotoServer
+    proxy: Any  # jobs.benchmark.local_s3.FaultProxy
+    env: dict[str, str]  # what a subprocess (and its Ray workers) needs to reach it
+
+    def bucket(self, name: str) -> str:
+        """A new, empty bucket; its URI."""
+        import boto3
+
+        boto3.client("s3", endpoint_url=self.server.url).create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalS3]:
+    """A real S3-compatible server for the session (moto's server mode), reached as any S3 endpoint is: through
+    `AWS_ENDPOINT_URL` and dummy credentials in this process's environment (restored at the end)."""
+    from jobs.benchmark.local_s3 import FaultProxy, MotoServer
+
+    server = MotoServer(log=tmp_path_factory.mktemp("s3") / "moto.log")
+    proxy = FaultProxy(server.url)
+    nowhere = str(tmp_path_factory.mktemp("aws") / "none")  # no ~/.aws of whoever runs the tests
+    env = {
+        "AWS_ENDPOINT_URL": proxy.url,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing-secret-key",
+        "AWS_REGION": "us-east-1",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_CONFIG_FILE": nowhere,
+        "AWS_SHARED_CREDENTIALS_FILE": nowhere,
+    }
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield LocalS3(server, proxy, env)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        proxy.stop()
+        server.stop()
 
 
 @pytest.fixture(scope="session")

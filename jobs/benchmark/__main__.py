@@ -1,4 +1,4 @@
-"""`python -m jobs.benchmark {model,data,pipeline,scale,transcode,augment,demo,gpu-check} ...`: speed and size figures
+"""`python -m jobs.benchmark {model,data,pipeline,scale,transcode,storage,augment,demo,gpu-check} ...`: speed and size figures
 (BENCHMARKS.md records them)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.benchmark import augment, data, demo, gpu_check, model, pipeline, scale, transcode
+from jobs.benchmark import augment, data, demo, gpu_check, model, pipeline, scale, storage, transcode
 
 
 def main() -> int:
@@ -18,6 +18,7 @@ def main() -> int:
         ("pipeline", pipeline),
         ("scale", scale),
         ("transcode", transcode),
+        ("storage", storage),
         ("augment", augment),
         ("demo", demo),
         ("gpu-check", gpu_check),

@@ -4,7 +4,8 @@ Each row keeps the manifest's columns and adds what `probe` measured plus a `sta
 be used. Training takes only the ok rows, so an unusable video is reported here rather than found mid-epoch. Frame
 timestamps are stored as start + step when evenly spaced (as in most MP4 files) and listed in full otherwise, which
 keeps a Kinetics-sized index small (BENCHMARKS.md measures it). Every row names the `probe_format` it was written
-with; an index of another format is refused rather than read wrongly (probe the manifest again).
+with; an index of another format is refused rather than read wrongly (probe the manifest again). Manifests, indexes
+and the index cache may be local paths or URIs (`s3://...`, through `pipeline.storage`).
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 
+from pipeline import storage
 from pipeline.data.manifest import read_manifest, resolve_paths
 from pipeline.data.video import VideoDecodeError, VideoInfo, probe
 from pipeline.errors import DataError
@@ -58,7 +59,7 @@ INDEX_FIELDS = [
 class IndexSummary:
     """What an index run found."""
 
-    path: Path
+    path: str
     total: int
     usable: int
     unusable: list[tuple[str, str]]  # (path, reason)
@@ -75,10 +76,11 @@ def build_index(
     concurrency: int | None = None,
     videos_per_task: int = 32,
 ) -> IndexSummary:
-    """Probe every video of the manifest on the Ray cluster and write the index to `out_path` (Parquet).
+    """Probe every video of the manifest on the Ray cluster and write the index to `out_path` (Parquet, a local
+    path or a URI).
 
     Class names resolve against the label map `labels` (default: the one beside the manifest). The file is
-    written under a temporary name and renamed, so a crash never leaves a partial index that reads as whole.
+    written whole or not at all (`storage.write_bytes`), so a crash never leaves a partial index that reads as whole.
     """
     manifest = read_manifest(manifest_path, root, allow_outside_root, labels)
     numbered = manifest.append_column("row", pa.array(range(manifest.num_rows), pa.int64()))
@@ -96,18 +98,15 @@ def build_index(
         tables.append(table)
         progress.advance(table.num_rows)
     index = pa.concat_tables(tables).sort_by("row").drop_columns(["row"])
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-    pq.write_table(index, partial)
-    os.replace(partial, out_path)
+    out_path = os.fspath(out_path)
+    storage.write_parquet(index, out_path)
     unusable = _unusable(index)
     return IndexSummary(path=out_path, total=index.num_rows, usable=index.num_rows - len(unusable), unusable=unusable)
 
 
 def is_index(path: str) -> bool:
     """An index (probed already) rather than a manifest: a Parquet file with the probe's `status` column."""
-    return path.endswith((".parquet", ".pq")) and "status" in pq.read_schema(path).names
+    return storage.suffix(path) in (".parquet", ".pq") and "status" in storage.parquet_schema(path).names
 
 
 def default_cache_dir() -> Path:
@@ -118,24 +117,25 @@ def default_cache_dir() -> Path:
 
 
 def cache_key(source: str, root: str | None, allow_outside_root: bool, labels: str | None) -> str:
-    """A digest of everything a probe of `source` depends on: the manifest (path, size, content), the root, the
-    root policy, the label map (content) and the probe's format. Equal keys mean the same index, so a cached index
-    is never reused for other inputs, and a manifest edited in place is probed again."""
+    """A digest of everything a probe of `source` depends on: the manifest (path or URI, size, content), the root,
+    the root policy, the label map (content) and the probe's format. Equal keys mean the same index, so a cached
+    index is never reused for other inputs, and a manifest edited in place (or an object replaced) is probed again."""
+    content = storage.read_bytes(source)
     facts = {
         "format": PROBE_FORMAT,
-        "manifest": os.path.abspath(source),
-        "size": os.path.getsize(source),
-        "sha256": _file_digest(source),
-        "root": os.path.abspath(root) if root else None,
+        "manifest": storage.redact(storage.absolute(source)),
+        "size": len(content),
+        "sha256": hashlib.sha256(content).hexdigest(),
+        "root": storage.redact(storage.absolute(root)) if root else None,
         "allow_outside_root": allow_outside_root,
-        "labels": _file_digest(labels) if labels else None,
+        "labels": hashlib.sha256(storage.read_bytes(labels)).hexdigest() if labels else None,
     }
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:24]
 
 
 def ensure_index(
     source: str,
-    cache_dir: Path,
+    cache_dir: str | os.PathLike,
     root: str | None,
     allow_outside_root: bool,
     labels: str | None,
@@ -143,20 +143,22 @@ def ensure_index(
     concurrency: int | None,
 ) -> str:
     """The index of `source`: itself if already probed (its paths held to the root like a manifest's), else the
-    cached probe of exactly these inputs (see `cache_key`), probing the manifest if there is none yet."""
+    cached probe of exactly these inputs (see `cache_key`), probing the manifest if there is none yet. The cache
+    (`cache_dir`) may be a local folder or a URI prefix shared by a cluster."""
     if is_index(source):
         resolve_paths(
-            pq.read_table(source, columns=["path"]).column("path").to_pylist(),
-            root or Path(source).parent,
+            storage.read_parquet(source, columns=["path"]).column("path").to_pylist(),
+            root or storage.parent(source),
             allow_outside_root,
             source,
         )
         return source
     labels = labels if labels else None
-    cached = Path(cache_dir) / f"{Path(source).stem}-{cache_key(source, root, allow_outside_root, labels)}.parquet"
-    if cached.is_file():
-        print(f"index of {source}: {cached} (cached)", flush=True)
-        return str(cached)
+    key = cache_key(source, root, allow_outside_root, labels)
+    cached = storage.join(os.fspath(cache_dir), f"{storage.stem(source)}-{key}.parquet")
+    if storage.is_file(cached):
+        print(f"index of {storage.redact(source)}: {storage.redact(cached)} (cached)", flush=True)
+        return cached
     summary = build_index(
         source,
         cached,
@@ -166,8 +168,9 @@ def ensure_index(
         cpus_per_task=cpus_per_task,
         concurrency=concurrency,
     )
-    print(f"probed {source}: {summary.usable} of {summary.total} videos usable, index {cached}", flush=True)
-    return str(summary.path)
+    shown = storage.redact(source), storage.redact(cached)
+    print(f"probed {shown[0]}: {summary.usable} of {summary.total} videos usable, index {shown[1]}", flush=True)
+    return summary.path
 
 
 def require_usable(usable: pa.Table, unusable: list[tuple[str, str]], source: str, shown: int = 3) -> None:
@@ -183,10 +186,10 @@ def require_usable(usable: pa.Table, unusable: list[tuple[str, str]], source: st
 
 def read_usable(index: str | os.PathLike | pa.Table) -> tuple[pa.Table, list[tuple[str, str]]]:
     """The usable rows of an index, and (path, reason) for each video left out."""
-    table = index if isinstance(index, pa.Table) else pq.read_table(index)
+    table = index if isinstance(index, pa.Table) else storage.read_parquet(index)
     formats = set(table.column("probe_format").to_pylist()) if "probe_format" in table.column_names else {1}
     if formats - {PROBE_FORMAT}:
-        name = "the index" if isinstance(index, pa.Table) else f"index {index}"
+        name = "the index" if isinstance(index, pa.Table) else f"index {storage.redact(os.fspath(index))}"
         found = ", ".join(str(found) for found in sorted(formats, key=str))
         raise DataError(
             f"{name} was written by probe format {found}, this version reads {PROBE_FORMAT}: "
@@ -265,11 +268,3 @@ def _compact_pts(pts: tuple[int, ...]) -> tuple[int, int, list[int]]:
 
 def _unusable(table: pa.Table) -> list[tuple[str, str]]:
     return [(row["path"], row["status"]) for row in table.select(["path", "status"]).to_pylist() if row["status"] != OK]
-
-
-def _file_digest(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -7,20 +7,22 @@ against a root (by default the manifest's folder); a path that leaves the root, 
 is refused unless explicitly allowed, so a manifest can't quietly read files elsewhere. A video listed twice (the
 same path and segment) is refused, whether with one label or two: it would count twice per epoch, or teach both
 classes. Segment bounds must be finite. Whether the files exist and decode is the index's business, not the
-manifest's.
+manifest's. Every path here may be a local path or a URI (`s3://bucket/...`, see `pipeline.storage`); relative
+manifest paths resolve under a URI root as under a folder.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import os
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from pipeline import storage
 from pipeline.errors import DataError
 
 LABEL_MAP_NAME = "labels.txt"
@@ -32,17 +34,17 @@ class ManifestError(DataError):
     """A manifest or label map that can't be used; the message is one line saying why."""
 
 
-def label_map_path(manifest_path: str | os.PathLike) -> Path:
+def label_map_path(manifest_path: str | os.PathLike) -> str:
     """Where the label map of a manifest lives."""
-    return Path(manifest_path).parent / LABEL_MAP_NAME
+    return storage.join(storage.parent(manifest_path), LABEL_MAP_NAME)
 
 
 def read_label_map(path: str | os.PathLike) -> list[str]:
     """Class names in index order."""
-    path = Path(path)
-    if not path.is_file():
-        raise ManifestError(f"{path}: label map not found")
-    names = path.read_text(encoding="utf-8").splitlines()
+    path = os.fspath(path)
+    if not storage.is_file(path):
+        raise ManifestError(f"{storage.redact(path)}: label map not found")
+    names = storage.read_text(path).splitlines()
     if not names or any(not name.strip() for name in names):
         raise ManifestError(f"{path}: a label map needs one non-empty class name a line")
     _check_unique(names, path)
@@ -50,22 +52,23 @@ def read_label_map(path: str | os.PathLike) -> list[str]:
 
 
 def write_label_map(names: list[str], path: str | os.PathLike) -> None:
-    path = Path(path)
+    """Write a label map, whole or not at all."""
+    path = os.fspath(path)
     if not names or any(not name.strip() or "\n" in name for name in names):
         raise ManifestError(f"{path}: class names must be non-empty single lines")
     _check_unique(names, path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"{name}\n" for name in names), encoding="utf-8")
+    storage.write_text(path, "".join(f"{name}\n" for name in names))
 
 
 def write_manifest(table: pa.Table, path: str | os.PathLike) -> None:
-    """Write a manifest as Parquet or CSV, chosen by the suffix."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write a manifest as Parquet or CSV, chosen by the suffix, whole or not at all."""
+    path = os.fspath(path)
     if _format(path) == "parquet":
-        pq.write_table(table, path)
+        storage.write_parquet(table, path)
     else:
-        pa_csv.write_csv(table, path)
+        buffer = io.BytesIO()
+        pa_csv.write_csv(table, buffer)
+        storage.write_bytes(path, buffer.getvalue())
 
 
 def read_manifest(
@@ -80,7 +83,7 @@ def read_manifest(
     the file has them. Class names resolve against the label map `labels` (default: `labels.txt` beside the
     manifest, if there is one).
     """
-    path = Path(path)
+    path = os.fspath(path)
     table = _read_table(path)
     unexpected = [name for name in table.column_names if name not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]
     missing = [name for name in REQUIRED_COLUMNS if name not in table.column_names]
@@ -91,10 +94,10 @@ def read_manifest(
         )
     if table.num_rows == 0:
         raise ManifestError(f"{path}: the manifest is empty")
-    base = Path(root) if root is not None else path.parent
+    base = os.fspath(root) if root is not None else storage.parent(path)
     columns = {
         "path": pa.array(resolve_paths(table.column("path").to_pylist(), base, allow_outside_root, path), pa.string()),
-        "label": _labels(table.column("label"), path, Path(labels) if labels else None),
+        "label": _labels(table.column("label"), path, os.fspath(labels) if labels else None),
     }
     for name in OPTIONAL_COLUMNS:
         if name in table.column_names:
@@ -108,26 +111,27 @@ def read_manifest(
     return table
 
 
-def _format(path: Path) -> str:
-    if path.suffix in {".parquet", ".pq"}:
+def _format(path: str) -> str:
+    if storage.suffix(path) in {".parquet", ".pq"}:
         return "parquet"
-    if path.suffix == ".csv":
+    if storage.suffix(path) == ".csv":
         return "csv"
-    raise ManifestError(f"{path}: a manifest must be .parquet or .csv")
+    raise ManifestError(f"{storage.redact(path)}: a manifest must be .parquet or .csv")
 
 
-def _read_table(path: Path) -> pa.Table:
+def _read_table(path: str) -> pa.Table:
     kind = _format(path)
-    if not path.is_file():
-        raise ManifestError(f"{path}: manifest not found")
+    if not storage.is_file(path):
+        raise ManifestError(f"{storage.redact(path)}: manifest not found")
+    data = pa.BufferReader(storage.read_bytes(path))
     try:
         if kind == "parquet":
-            return pq.read_table(path)
+            return pq.read_table(data)
         convert = pa_csv.ConvertOptions(
             column_types={"path": pa.string(), "start_sec": pa.float64(), "end_sec": pa.float64()},
             null_values=[""],  # only an empty cell is "not given": "nan" is a NaN, refused, not the video's end
         )
-        return pa_csv.read_csv(path, convert_options=convert)
+        return pa_csv.read_csv(data, convert_options=convert)
     except (pa.ArrowInvalid, OSError) as error:
         raise ManifestError(f"{path}: unreadable {kind}: {str(error).splitlines()[0]}") from None
 
@@ -135,33 +139,47 @@ def _read_table(path: Path) -> pa.Table:
 def resolve_paths(
     values: list[str | None], base: str | os.PathLike, allow_outside_root: bool, source: str | os.PathLike
 ) -> list[str]:
-    """Paths of a manifest or index made absolute against `base`; one outside it is refused unless allowed, so
-    neither a manifest nor an already-probed index can quietly read files elsewhere."""
-    root = os.path.abspath(base)
-    real_root = os.path.realpath(root)
-    real_folders: dict[str, str] = {}  # one realpath per folder, not per video (Kinetics: 400 folders, 240k videos)
+    """Paths of a manifest or index made absolute against `base` (a folder or a URI prefix); one outside it (by `..`,
+    or locally through a symbolic link) is refused unless allowed, so neither a manifest nor an already-probed index
+    can quietly read files elsewhere."""
+    root = storage.absolute(base)
+    links = _LinkCheck(root) if not storage.is_uri(root) and not allow_outside_root else None
     resolved = []
     for row, value in enumerate(values, start=1):
         if value is None or not str(value).strip():
-            raise ManifestError(f"{source}: row {row} has no path")
-        absolute = os.path.normpath(os.path.join(root, value))
-        if not allow_outside_root:
-            if os.path.commonpath([root, absolute]) != root:
-                raise ManifestError(f"{source}: row {row} path {value!r} is outside the root {root}")
-            folder, name = os.path.split(absolute)
-            if folder not in real_folders:
-                real_folders[folder] = os.path.realpath(folder)
-            real = os.path.realpath(absolute) if os.path.islink(absolute) else os.path.join(real_folders[folder], name)
-            if os.path.commonpath([real_root, real]) != real_root:
-                raise ManifestError(
-                    f"{source}: row {row} path {value!r} links to {real}, outside the root {root} "
-                    "(data.allow_outside_root=true allows it)"
-                )
+            raise ManifestError(f"{storage.redact(str(source))}: row {row} has no path")
+        absolute = storage.join(root, str(value))
+        if not allow_outside_root and not storage.is_within(root, absolute):
+            raise ManifestError(
+                f"{storage.redact(str(source))}: row {row} path {value!r} is outside the root {storage.redact(root)}"
+            )
+        if links is not None:
+            links.check(absolute, row, value, source)
         resolved.append(absolute)
     return resolved
 
 
-def _check_listed_once(table: pa.Table, manifest: Path) -> None:
+class _LinkCheck:
+    """Refuses a local path that links outside the root: one realpath per folder, not per video (Kinetics: 400
+    folders, 240k videos)."""
+
+    def __init__(self, root: str) -> None:
+        self.root, self.real_root = root, os.path.realpath(root)
+        self.real_folders: dict[str, str] = {}
+
+    def check(self, absolute: str, row: int, value: str, source: str | os.PathLike) -> None:
+        folder, name = os.path.split(absolute)
+        if folder not in self.real_folders:
+            self.real_folders[folder] = os.path.realpath(folder)
+        real = os.path.realpath(absolute) if os.path.islink(absolute) else os.path.join(self.real_folders[folder], name)
+        if os.path.commonpath([self.real_root, real]) != self.real_root:
+            raise ManifestError(
+                f"{source}: row {row} path {value!r} links to {real}, outside the root {self.root} "
+                "(data.allow_outside_root=true allows it)"
+            )
+
+
+def _check_listed_once(table: pa.Table, manifest: str) -> None:
     """Each video (path and segment) once: a second row is an accident that would count it twice per epoch, or,
     with another label, teach it as both classes."""
     keys = [name for name in ("path", "start_sec", "end_sec") if name in table.column_names]
@@ -173,7 +191,9 @@ def _check_listed_once(table: pa.Table, manifest: Path) -> None:
             what = (
                 "the same video" if label == first_label else f"the same video with two labels ({first_label}, {label})"
             )
-            raise ManifestError(f"{manifest}: rows {first} and {row} list {what}: {key[0]!r}{_segment(keys, key)}")
+            raise ManifestError(
+                f"{storage.redact(manifest)}: rows {first} and {row} list {what}: {key[0]!r}{_segment(keys, key)}"
+            )
         seen[tuple(key)] = (row, label)
 
 
@@ -184,11 +204,11 @@ def _segment(keys: list[str], key: list) -> str:
     return f" [{bounds.get('start_sec')}, {bounds.get('end_sec')}] s"
 
 
-def _labels(column: pa.ChunkedArray, manifest: Path, given: Path | None) -> pa.Array:
+def _labels(column: pa.ChunkedArray, manifest: str, given: str | None) -> pa.Array:
     """Integer labels, checked against the label map: `given` (which must exist), else the one beside the manifest
     when there is one. A text label is a class name from the label map, or else an index written as digits."""
     names_path = given or label_map_path(manifest)
-    names = read_label_map(names_path) if given or names_path.is_file() else None
+    names = read_label_map(names_path) if given or storage.is_file(names_path) else None
     if column.null_count:
         raise ManifestError(f"{manifest}: row {column.to_pylist().index(None) + 1} has no label")
     if not (pa.types.is_integer(column.type) or pa.types.is_string(column.type)):
@@ -208,7 +228,7 @@ def _labels(column: pa.ChunkedArray, manifest: Path, given: Path | None) -> pa.A
     return pa.array(labels, pa.int64())
 
 
-def _seconds(column: pa.ChunkedArray, name: str, manifest: Path) -> pa.Array:
+def _seconds(column: pa.ChunkedArray, name: str, manifest: str) -> pa.Array:
     try:
         seconds = column.cast(pa.float64())
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
@@ -222,7 +242,7 @@ def _seconds(column: pa.ChunkedArray, name: str, manifest: Path) -> pa.Array:
     return seconds.combine_chunks()
 
 
-def _check_unique(names: list[str], path: Path) -> None:
+def _check_unique(names: list[str], path: str) -> None:
     seen = set()
     for name in names:
         if name in seen:

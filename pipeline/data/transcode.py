@@ -260,7 +260,7 @@ def transcode_manifest(
     if kept.num_rows == 0:
         raise DataError(f"{manifest_path}: no video could be re-encoded (reasons in {failed_list})")
     if plan.names is not None:
-        _atomic(label_map_path(plan.new_manifest), lambda path: write_label_map(plan.names, path))
+        _atomic(Path(label_map_path(plan.new_manifest)), lambda path: write_label_map(plan.names, path))
     _atomic(plan.new_manifest, lambda path: _write_manifest_file(kept, path))
     return TranscodeSummary(
         manifest=plan.new_manifest,
@@ -287,7 +287,7 @@ def _new_manifest(plan: TranscodePlan, failed: set[str]) -> pa.Table:
 
 def _label_names(manifest_path: Path, out_dir: Path) -> list[str] | None:
     """The source's class names, refusing an out_dir whose label map says something else."""
-    source, target = label_map_path(manifest_path), label_map_path(out_dir / manifest_path.name)
+    source, target = Path(label_map_path(manifest_path)), Path(label_map_path(out_dir / manifest_path.name))
     names = read_label_map(source) if source.is_file() else None
     if target.is_file() and read_label_map(target) != names:
         raise ManifestError(f"{target} already holds other class names than {manifest_path}'s; choose another --out")

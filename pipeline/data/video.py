@@ -5,7 +5,8 @@ it and records every packet timestamp, so `decode_frames` can seek to the keyfra
 identify each decoded frame exactly, skip decoding frames that nothing needs, and convert to RGB only the frames it
 returns. Frames come out as displayed: a rotation in the container's display matrix is applied. A clip that is
 shrunk anyway can ask for a box of each frame at its output size (`FrameCrop`): the frame is then converted to RGB
-straight at the scaled size, in the one swscale call, instead of at full resolution and then resized.
+straight at the scaled size, in the one swscale call, instead of at full resolution and then resized. A path may
+be a local file or a URI (`s3://...`): see `pipeline.data.video_source` for how an object's bytes are fetched.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
+from pipeline.data.video_source import VideoSource, open_source
 from pipeline.errors import DataError
+from pipeline.storage import StorageError, is_uri
 
 # Containers that store real presentation timestamps; in these a decoded frame is identified by its pts. Elsewhere
 # (AVI, raw streams) the demuxer guesses pts, so frames are identified by counting from a keyframe instead.
@@ -90,17 +93,19 @@ def probe(path: str | os.PathLike, *, check_last_frame: bool = False) -> VideoIn
     identified by timestamp from then on, which lets decoding skip the frames that nothing needs.
     """
     path = str(path)
-    _check_file(path)
-    with _ffmpeg_errors(path, "cannot read"), _open(path) as container:
-        info = _describe(path, container)
-    info = _with_rotation(info, _display_rotation(path, info))
-    if check_last_frame:
-        try:
-            decode_frames(path, [info.num_frames - 1], info)
-        except VideoDecodeError as error:
-            raise VideoDecodeError(path, f"the last frame does not decode ({error.reason})") from None
-        if not info.pts_ordered and len(set(info.pts)) == len(info.pts) and _decodes_in_pts_order(path, info):
-            info = replace(info, pts_ordered=True)
+    if not is_uri(path):
+        _check_file(path)
+    with _source(path, probing=True) as source:  # an object in storage is read once for all the passes below
+        with _ffmpeg_errors(path, "cannot read"), _open(source) as container:
+            info = _describe(path, container)
+        info = _with_rotation(info, _display_rotation(source, info))
+        if check_last_frame:
+            try:
+                _decode_clips(source, [([info.num_frames - 1], None)], info, threads=1)
+            except VideoDecodeError as error:
+                raise VideoDecodeError(path, f"the last frame does not decode ({error.reason})") from None
+            if not info.pts_ordered and len(set(info.pts)) == len(info.pts) and _decodes_in_pts_order(source, info):
+                info = replace(info, pts_ordered=True)
     return info
 
 
@@ -123,21 +128,41 @@ def decode_clips(
     info: VideoInfo,
     *,
     threads: int = 1,
+    source: VideoSource | None = None,
 ) -> list[np.ndarray]:
     """Several clips of one video from one decode: for each (indices, crop), the frames at `indices` as uint8 RGB,
-    whole (N, H, W, 3) when crop is None, else the crop's box at its size (N, h, w, 3), scaled in the conversion."""
+    whole (N, H, W, 3) when crop is None, else the crop's box at its size (N, h, w, 3), scaled in the conversion.
+
+    `source`: where to read the bytes (default: the one `video_source.open_source` picks; benchmarks compare)."""
     path = str(path)
-    wanted = [[int(index) for index in indices] for indices, _ in clips]
-    for index in (index for indices in wanted for index in indices):
+    _check_indices(path, clips, info)
+    if source is not None:
+        return _decode_clips(source, clips, info, threads=threads)
+    with _source(path, probing=False) as opened:
+        return _decode_clips(opened, clips, info, threads=threads)
+
+
+def _check_indices(path: str, clips: Sequence[tuple[Iterable[int], FrameCrop | None]], info: VideoInfo) -> None:
+    for index in (int(index) for indices, _ in clips for index in indices):
         if not 0 <= index < info.num_frames:
             raise VideoDecodeError(
                 path, f"frame index {index} is past the end (the video has {info.num_frames} frames)"
             )
+
+
+def _decode_clips(
+    source: VideoSource,
+    clips: Sequence[tuple[Iterable[int], FrameCrop | None]],
+    info: VideoInfo,
+    *,
+    threads: int,
+) -> list[np.ndarray]:
+    wanted = [[int(index) for index in indices] for indices, _ in clips]
     unique = sorted({index for indices in wanted for index in indices})
     if not unique:
         return [np.empty((0, info.height, info.width, 3), dtype=np.uint8) for _ in clips]
     views = _ClipViews(info, wanted, [crop for _, crop in clips], threads)
-    kept = _decode_unique(path, info, unique, threads, views)
+    kept = _decode_unique(source, info, unique, threads, views)
     return [views.stack(kept, number, indices) for number, indices in enumerate(wanted)]
 
 
@@ -157,13 +182,24 @@ def _ffmpeg_errors(path: str, action: str) -> Iterator[None]:
         yield
     except av.error.FFmpegError as error:
         raise VideoDecodeError(path, f"{action}: {error.strerror}") from None
+    except StorageError as error:  # a ranged read of an object that failed for good
+        raise VideoDecodeError(path, f"{action}: {error.reason}") from None
     except (OSError, UnicodeDecodeError) as error:
         raise VideoDecodeError(path, f"{action}: {error}") from None
 
 
-def _open(path: str) -> av.container.InputContainer:
+def _source(path: str, *, probing: bool) -> VideoSource:
+    """Where the video's bytes come from; an object that can't be fetched is a VideoDecodeError saying why."""
     try:
-        return av.open(path, metadata_errors="ignore")
+        return open_source(path, probing=probing)
+    except StorageError as error:
+        raise VideoDecodeError(path, error.reason) from None
+
+
+def _open(source: VideoSource) -> av.container.InputContainer:
+    path = source.path
+    try:
+        return source.open()
     except FileNotFoundError:  # gone since it was probed
         raise VideoDecodeError(path, "file not found") from None
     except av.error.InvalidDataError:
@@ -280,27 +316,28 @@ class _PtsOutOfOrder(Exception):
 
 
 def _decode_unique(
-    path: str, info: VideoInfo, wanted: list[int], threads: int, convert: _ClipViews
+    source: VideoSource, info: VideoInfo, wanted: list[int], threads: int, convert: _ClipViews
 ) -> dict[int, dict[int, np.ndarray]]:
     """Decode the sorted, distinct `wanted` frames, starting from the last keyframe at or before the first."""
     starts = [*sorted({kf for kf in info.keyframes if 0 < kf <= wanted[0]}, reverse=True), 0]
     for start in starts:
         try:
-            return _decode_from(path, info, start, wanted, threads, convert)
+            return _decode_from(source, info, start, wanted, threads, convert)
         except _SeekMissed:
             continue
         except _PtsOutOfOrder:
-            return _decode_from(path, replace(info, pts_ordered=False), 0, wanted, threads, convert)
+            return _decode_from(source, replace(info, pts_ordered=False), 0, wanted, threads, convert)
     raise AssertionError("decoding from frame 0 never misses its seek")
 
 
 def _decode_from(
-    path: str, info: VideoInfo, start: int, wanted: list[int], threads: int, convert: _ClipViews
+    source: VideoSource, info: VideoInfo, start: int, wanted: list[int], threads: int, convert: _ClipViews
 ) -> dict[int, dict[int, np.ndarray]]:
+    path = source.path
     number = _PtsNumbering(info, start) if info.pts_ordered else _CountNumbering(info, start)
     wanted_set = set(wanted)
     kept: dict[int, dict[int, np.ndarray]] = {}
-    with _ffmpeg_errors(path, "decoding failed"), _open(path) as container:
+    with _ffmpeg_errors(path, "decoding failed"), _open(source) as container:
         stream = container.streams[info.stream_index]
         stream.codec_context.thread_count = threads
         if threads > 1:
@@ -464,10 +501,10 @@ class _ClipViews:
         return np.ascontiguousarray(np.rot90(rgb, self.turns)) if self.turns else rgb
 
 
-def _display_rotation(path: str, info: VideoInfo, packets_to_try: int = 64) -> int:
+def _display_rotation(source: VideoSource, info: VideoInfo, packets_to_try: int = 64) -> int:
     """The display matrix's rotation, as FFmpeg puts it on decoded frames, rounded to a quarter turn (0-270): read
     from the first frame that decodes (a broken first GOP is passed over; none in `packets_to_try`: 0)."""
-    with _ffmpeg_errors(path, "cannot read"), _open(path) as container:
+    with _ffmpeg_errors(source.path, "cannot read"), _open(source) as container:
         stream = container.streams[info.stream_index]
         for packet in itertools.islice(container.demux(stream), packets_to_try):
             try:
@@ -485,9 +522,9 @@ def _with_rotation(info: VideoInfo, rotation: int) -> VideoInfo:
     return replace(info, rotation=rotation)
 
 
-def _decodes_in_pts_order(path: str, info: VideoInfo) -> bool:
+def _decodes_in_pts_order(source: VideoSource, info: VideoInfo) -> bool:
     """Whether every decoded frame carries the probed timestamp of its position (a whole decode, no conversion)."""
-    with _ffmpeg_errors(path, "decoding failed"), _open(path) as container:
+    with _ffmpeg_errors(source.path, "decoding failed"), _open(source) as container:
         stream = container.streams[info.stream_index]
         decoded = [frame.pts for frame in _decoded(container.demux(stream), stream.codec_context, None)]
     return decoded == list(info.pts)

@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 import ray
 import torch
 
+from pipeline import storage
 from pipeline.config import EvaluationJobConfig
 from pipeline.data.dataset import DecodeTasks, test_dataset
 from pipeline.data.index import default_cache_dir, ensure_index, read_usable, require_usable
@@ -101,22 +102,23 @@ def run_evaluation(cfg: EvaluationJobConfig, explicit: set[str], base: Path) -> 
     if not cfg.data.test:
         raise DataError("data.test is not set (a manifest or an index of the videos to evaluate)")
     data = cfg.data
-    test_source = str((base / data.test).resolve())
+    test_source = storage.absolute(data.test, base)
     labels_path = _label_map(cfg, base, test_source, loaded)
     source = ensure_index(
         test_source,
-        (base / data.index_cache).resolve() if data.index_cache else default_cache_dir(),
-        str((base / data.root).resolve()) if data.root else None,
+        storage.absolute(data.index_cache, base) if data.index_cache else default_cache_dir(),
+        storage.absolute(data.root, base) if data.root else None,
         data.allow_outside_root,
         labels_path,
         data.cpus_per_task,
         data.decode_concurrency,
     )
     usable, excluded = read_usable(source)
-    require_usable(usable, excluded, f"data.test {test_source}")
+    shown = storage.redact(test_source)
+    require_usable(usable, excluded, f"data.test {shown}")
     past = pc.max(usable.column("label")).as_py()
     if past >= len(loaded.labels):
-        raise DataError(f"data.test {test_source}: label {past} is past the model's {len(loaded.labels)} classes")
+        raise DataError(f"data.test {shown}: label {past} is past the model's {len(loaded.labels)} classes")
     tasks = DecodeTasks(
         cpus=data.cpus_per_task,
         concurrency=data.decode_concurrency,
@@ -141,16 +143,16 @@ def _label_map(cfg: EvaluationJobConfig, base: Path, test_source: str, loaded: L
     """The label map that resolves the test manifest's class names: `labels`, else `data.labels`, else the one
     beside the manifest. It must name the model's classes, or the figures would compare different classes."""
     given = cfg.labels or cfg.data.labels
-    path = (base / given).resolve() if given else label_map_path(test_source)
-    if not path.is_file():
+    path = storage.absolute(given, base) if given else label_map_path(test_source)
+    if not storage.is_file(path):
         return None
     names = read_label_map(path)
     if len(names) != len(loaded.labels) or (names != loaded.labels and not _numbered(loaded.labels)):
         raise DataError(
-            f"label map {path} ({len(names)} names) is not the model's ({len(loaded.labels)} classes"
+            f"label map {storage.redact(path)} ({len(names)} names) is not the model's ({len(loaded.labels)} classes"
             f"{', other names' if len(names) == len(loaded.labels) else ''}); pass labels=PATH to name its classes"
         )
-    return str(path)
+    return path
 
 
 def _numbered(labels: list[str]) -> bool:

@@ -1,18 +1,17 @@
 """One way to name a model everywhere: a Ray Train checkpoint folder, a native .pt file, an MLflow model URI, or a
-torchvision / PySlowFast / pytorchvideo checkpoint. Each resolves to the module plus what inference needs to know."""
+torchvision / PySlowFast / pytorchvideo checkpoint. Each resolves to the module plus what inference needs to know.
+Folders and files may be local or in object storage (`s3://...`)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 import mvit
-from pipeline import checkpoints
+from pipeline import checkpoints, storage
 from pipeline.errors import ModelError
 
 FOREIGN_SOURCES = tuple(source for source in mvit.SOURCES if source != "native")
@@ -26,7 +25,7 @@ class ModelSourceError(ModelError):
 class ModelReference:
     """What names a model: picklable, so model replicas on other nodes can load it themselves."""
 
-    reference: str  # a checkpoint folder, a .pt file, or an MLflow model URI
+    reference: str  # a checkpoint folder, a .pt file (local or a URI), or an MLflow model URI
     source: str = "auto"  # auto (checkpoint folder, native .pt or MLflow URI) or a foreign format
     model_name: str | None = None  # the preset, for checkpoints that don't name it
     labels: list[str] | None = None  # class names that replace the model's own
@@ -59,11 +58,11 @@ def _checkpoint_head(checkpoint: Any, source: str, model_name: str, name: str) -
     return int(head.shape[0])
 
 
-def _build(path: Path, reference: ModelReference, source: str) -> mvit.MViT:
+def _build(path: str, reference: ModelReference, source: str) -> mvit.MViT:
     """The preset with the checkpoint's weights, its head included; mvit's ValueErrors become one-line errors."""
     name = reference.reference
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = checkpoints.read_torch_file(path)
     except Exception as error:
         raise ModelSourceError(f"model {name}: {str(error).splitlines()[0]}") from None
     num_classes = _checkpoint_head(checkpoint, source, reference.model_name, name)
@@ -106,7 +105,7 @@ def _from_mlflow(reference: ModelReference) -> LoadedModel:
     return LoadedModel(logged.module, names, logged.input_size, reference.reference, logged.run_id, logged.data)
 
 
-def _from_weights(path: Path, reference: ModelReference, source: str) -> LoadedModel:
+def _from_weights(path: str, reference: ModelReference, source: str) -> LoadedModel:
     """A foreign checkpoint or a bare state dict: the preset `model_name` with the checkpoint's own head."""
     if not reference.model_name:
         raise ModelSourceError(
@@ -118,13 +117,13 @@ def _from_weights(path: Path, reference: ModelReference, source: str) -> LoadedM
     return LoadedModel(model.eval(), labels, tuple(model.input_size), reference.reference)
 
 
-def _checkpoints_near(path: Path) -> str:
+def _checkpoints_near(path: str) -> str:
     """The checkpoints that do exist where `path` points (Ray names them by time, so a guessed name misses)."""
-    for folder in (path.parent, path):
-        found = sorted(p.name for p in folder.glob("checkpoint_*") if p.is_dir()) if folder.is_dir() else []
+    for folder in (storage.parent(path), path):
+        found = sorted(entry.name for entry in checkpoints.checkpoint_folders(folder))
         if found:
             shown = ", ".join(found[-5:])
-            return f"; checkpoints in {folder}: {shown}{' (newest last)' if len(found) > 1 else ''}"
+            return f"; checkpoints in {storage.redact(folder)}: {shown}{' (newest last)' if len(found) > 1 else ''}"
     return ""
 
 
@@ -132,24 +131,25 @@ def load_model(reference: ModelReference) -> LoadedModel:
     """Load the model `reference` names."""
     if reference.reference.startswith(("runs:/", "models:/")):
         return _from_mlflow(reference)
-    path = Path(reference.reference)
-    if not path.exists():
-        raise ModelSourceError(f"model {reference.reference}: no such file or folder{_checkpoints_near(path)}")
+    path = reference.reference
+    found = storage.info(path)
+    if found is None:
+        name = storage.redact(reference.reference)
+        raise ModelSourceError(f"model {name}: no such file or folder{_checkpoints_near(path)}")
     if reference.source in FOREIGN_SOURCES:
         return _from_weights(path, reference, reference.source)
     if reference.source not in ("auto", "native"):
         raise ModelSourceError(
             f"model source '{reference.source}' is not one of auto, native, {', '.join(FOREIGN_SOURCES)}"
         )
-    if path.is_dir() and not (path / checkpoints.STATE_FILE).is_file():
-        newest = checkpoints.latest_checkpoint(str(path.parent), path.name)  # a run folder: its newest checkpoint
-        path = newest or path
+    is_dir = found.is_dir
+    if is_dir and not storage.is_file(storage.join(path, checkpoints.STATE_FILE)):
+        newest = checkpoints.latest_checkpoint(storage.parent(path), storage.name(path))  # a run: its newest one
+        path = str(newest) if newest else path
     try:
-        state = (
-            checkpoints.load_state(path) if path.is_dir() else torch.load(path, map_location="cpu", weights_only=True)
-        )
+        state = checkpoints.load_state(path) if is_dir else checkpoints.read_torch_file(path)
     except Exception as error:
-        raise ModelSourceError(f"model {reference.reference}: {str(error).splitlines()[0]}") from None
+        raise ModelSourceError(f"model {storage.redact(reference.reference)}: {str(error).splitlines()[0]}") from None
     if isinstance(state, dict) and "model_name" in state:
         return _from_training_state(state, reference.reference, reference.labels)
     return _from_weights(path, reference, "native")

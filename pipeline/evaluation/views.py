@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import storage
 from pipeline.checkpoints import latest_checkpoint
 from pipeline.config import EvaluationJobConfig
 from pipeline.data.dataset import video_test_views
@@ -22,14 +23,14 @@ CLIP_KEYS = ("num_frames", "sampling_rate", "target_fps", "crop_size", "test_sho
 
 
 def model_reference(cfg: EvaluationJobConfig, base: Path) -> ModelReference:
-    """The model this config names (with no `model`, the newest checkpoint of `run.name`), paths made absolute."""
+    """The model this config names (with no `model`, the newest checkpoint of `run.name` under `run.storage_path`,
+    a folder or a URI), local paths made absolute."""
     reference = cfg.model
     if not reference:
-        found = latest_checkpoint(str((base / cfg.run.storage_path).resolve()), cfg.run.name)
+        found = latest_checkpoint(storage.absolute(cfg.run.storage_path, base), cfg.run.name)
         if found is None:
-            raise ModelSourceError(
-                f"no model given and no checkpoint under {cfg.run.storage_path}/{cfg.run.name}; pass model=PATH_OR_URI"
-            )
+            where = storage.redact(f"{cfg.run.storage_path}/{cfg.run.name}")
+            raise ModelSourceError(f"no model given and no checkpoint under {where}; pass model=PATH_OR_URI")
         reference = str(found)
     elif "://" not in reference and ":/" not in reference:
         reference = str((base / reference).resolve())
@@ -37,7 +38,7 @@ def model_reference(cfg: EvaluationJobConfig, base: Path) -> ModelReference:
         reference=reference,
         source=cfg.model_source,
         model_name=cfg.model_name,
-        labels=read_label_map((base / cfg.labels).resolve()) if cfg.labels else None,
+        labels=read_label_map(storage.absolute(cfg.labels, base)) if cfg.labels else None,
         tracking_uri=resolve_tracking_uri(cfg.mlflow.tracking_uri, base),
         allow_pickle=cfg.allow_pickle,
     )

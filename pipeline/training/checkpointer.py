@@ -17,14 +17,13 @@ import math
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import ray.train
 import torch
 from torch import nn
 
-from pipeline import checkpoints
+from pipeline import checkpoints, storage
 from pipeline.tracking import Metric, now_ms
 from pipeline.training.job import TrainJob
 from pipeline.training.persist import upload_whole
@@ -72,8 +71,8 @@ class Checkpointer:
         found: list[str] = []
         latest = ray.train.get_checkpoint()
         resume = self.job.resume
-        if latest is not None and Path(latest.path).name not in resume.preexisting:
-            newest = Path(latest.path)
+        newest = storage.as_path(storage.uri_of(latest.filesystem, latest.path)) if latest is not None else None
+        if newest is not None and newest.name not in resume.preexisting:
             older = [
                 folder
                 for folder in checkpoints.checkpoint_folders(newest.parent)

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, Result, RunConfig, ScalingConfig
 
 import mvit
-from pipeline import secrets, tracking
+from pipeline import secrets, storage, tracking
 from pipeline.config import RESUME_LATEST, DataConfig, ModelConfig, TrainingJobConfig, typed
 from pipeline.data import index, manifest
 from pipeline.data.augment import clip_augments
@@ -33,7 +33,7 @@ from pipeline.errors import ConfigError, DataError, ModelError
 from pipeline.training import lifecycle, preflight
 from pipeline.training.failures import RunTrainer, unfixable
 from pipeline.training.job import ResumePoint, TrainJob
-from pipeline.training.run_lock import RunLock
+from pipeline.training.run_lock import run_lock
 from pipeline.training.worker import train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -78,14 +78,15 @@ class DataPlan:
 
 
 def resolve_paths(cfg: DictConfig, base: Path) -> DictConfig:
-    """Every path made absolute on the driver: Ray workers and `ray job submit` run in other directories."""
+    """Every local path made absolute on the driver (Ray workers and `ray job submit` run in other directories);
+    URIs (s3://...) stay as they are."""
     cfg = copy.deepcopy(cfg)  # still the structured schema, so it converts to the typed config
     OmegaConf.set_readonly(cfg, False)
     OmegaConf.resolve(cfg)
     for key in PATH_KEYS:
         value = OmegaConf.select(cfg, key)
-        if value and "://" not in value and not (key == "run.resume" and value == RESUME_LATEST):
-            OmegaConf.update(cfg, key, str((base / value).resolve()))
+        if value and not storage.is_uri(value) and not (key == "run.resume" and value == RESUME_LATEST):
+            OmegaConf.update(cfg, key, str((base / storage.local(value)).resolve()))
     cfg.mlflow.tracking_uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri, base)
     return cfg
 
@@ -136,17 +137,17 @@ def plan_data(cfg: TrainingJobConfig) -> DataPlan:
     against the labels and `model.num_classes`, here on the driver rather than in every worker.
     """
     data = cfg.data
-    labels_path = data.labels or str(manifest.label_map_path(data.train))
+    labels_path = data.labels or manifest.label_map_path(data.train)
     labels = manifest.read_label_map(labels_path)
     check_num_classes(cfg.model.num_classes, labels, labels_path)
-    cache_dir = Path(data.index_cache) if data.index_cache else index.default_cache_dir()
+    cache_dir = data.index_cache or str(index.default_cache_dir())
     tables, excluded = [], []
     for split in ("train", "val"):
         source = getattr(data, split)
         if not source:
             raise DataError(f"data.{split} is not set (a manifest or an index)")
-        if not Path(source).is_file():
-            raise DataError(f"data.{split} {source}: no such file")
+        if not storage.is_file(source):
+            raise DataError(f"data.{split} {storage.redact(source)}: no such file")
         probed = index.ensure_index(
             source,
             cache_dir,
@@ -157,9 +158,10 @@ def plan_data(cfg: TrainingJobConfig) -> DataPlan:
             data.decode_concurrency,
         )
         usable, unusable = index.read_usable(probed)
-        index.require_usable(usable, unusable, f"data.{split} {source}")
+        index.require_usable(usable, unusable, f"data.{split} {storage.redact(source)}")
         if pc.max(usable.column("label")).as_py() >= len(labels):
-            raise DataError(f"data.{split} {source}: a label is past the {len(labels)} names of {labels_path}")
+            shown = storage.redact(source), storage.redact(labels_path)
+            raise DataError(f"data.{split} {shown[0]}: a label is past the {len(labels)} names of {shown[1]}")
         tables.append(usable)
         excluded.extend(unusable)
     for path, reason in excluded:
@@ -265,6 +267,7 @@ def build_trainer(
     older signature and ignored when `job` is given."""
     job = job or make_job(cfg, plan, run_id)
     datasets = build_datasets(cfg.data, plan, job.skip_counter, cfg.train.seed, job.epoch_clock)
+    storage_path, storage_filesystem = storage.for_ray(cfg.run.storage_path)
     return RunTrainer(
         train_loop_per_worker,
         train_loop_config=job,
@@ -275,7 +278,8 @@ def build_trainer(
         ),
         run_config=RunConfig(
             name=cfg.run.name,
-            storage_path=cfg.run.storage_path,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
             logging_config=LoggingConfig(log_level=cfg.run.ray_train_log_level),
@@ -311,7 +315,7 @@ def open_run(cfg: DictConfig, base: Path | None = None) -> Iterator[OpenRun]:
     command ends in a second."""
     config: TrainingJobConfig = typed(resolve_paths(cfg, base or Path.cwd()))
     config.run.name = lifecycle.run_name(config, datetime.now())
-    lock = RunLock(Path(config.run.storage_path) / config.run.name, config.run.name)
+    lock = run_lock(storage.join(config.run.storage_path, config.run.name), config.run.name)
     note = lock.acquire()
     try:
         plan = lifecycle.plan_run(config, config.run.name)
@@ -364,7 +368,7 @@ def train(run: OpenRun) -> TrainingOutcome:
 
 def mlflow_run(config: TrainingJobConfig, plan: lifecycle.RunPlan, tracking_uri: str) -> str:
     """The MLflow run this command logs to: its checkpoint's (or a new one tagged with it), else a new one."""
-    experiment, key = config.mlflow.experiment, f"{config.run.storage_path}/{plan.name}"
+    experiment, key = config.mlflow.experiment, storage.redact(storage.join(config.run.storage_path, plan.name))
     if plan.start is not None:
         previous, step = plan.manifest.get("mlflow_run_id"), plan.manifest["loop"]["step"]
         branch = config.run.resume != RESUME_LATEST  # a checkpoint chosen by path

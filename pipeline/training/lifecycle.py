@@ -10,13 +10,13 @@ checkpoint (`check_resumable`); a finished one is reported as such and not train
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from pipeline import storage
 from pipeline.checkpoints import STATE_FILE, CheckpointError, checkpoint_folders, newest_complete, verify
 from pipeline.config import RESUME_LATEST, DataConfig, TrainingJobConfig, flatten
 from pipeline.data import manifest
@@ -73,15 +73,15 @@ class RunPlan:
 
 def dataset_name(data: DataConfig) -> str:
     """A short name of the training data for run names: the manifest's folder (`k400/train.parquet` → k400)."""
-    name = Path(data.train).parent.name if data.train else Path(data.demo.out).name
+    name = storage.name(storage.parent(data.train)) if data.train else Path(data.demo.out).name
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "data"
 
 
-def generated_name(cfg: TrainingJobConfig, storage: Path, now: datetime) -> str:
+def generated_name(cfg: TrainingJobConfig, runs: Path, now: datetime) -> str:
     """`preset-dataset-YYYYmmdd-HHMMSS`, with a suffix if a run of that name exists already."""
     base = f"{cfg.model.name}-{dataset_name(cfg.data)}-{now:%Y%m%d-%H%M%S}"
     name, number = base, 1
-    while (storage / name).exists():
+    while storage.exists(runs / name):
         number += 1
         name = f"{base}-{number}"
     return name
@@ -89,28 +89,34 @@ def generated_name(cfg: TrainingJobConfig, storage: Path, now: datetime) -> str:
 
 def run_name(cfg: TrainingJobConfig, now: datetime) -> str:
     """`run.name`, or the run of `run.resume=PATH` when that lies in `run.storage_path`, or a new name."""
-    storage, resume = Path(cfg.run.storage_path), cfg.run.resume
+    runs, resume = storage.as_path(cfg.run.storage_path), cfg.run.resume
     if cfg.run.name:
         name = cfg.run.name
     elif resume == RESUME_LATEST:
         raise ConfigError("config key 'run.resume': 'latest' needs run.name, the run to continue")
-    elif resume and checkpoint_path(resume).parent.parent == storage:
+    elif resume and checkpoint_path(resume).parent.parent == runs:
         name = checkpoint_path(resume).parent.name
     else:
-        name = generated_name(cfg, storage, now)
-    if (storage / name).resolve().parent != storage.resolve():
-        raise ConfigError(f"config key 'run.name': {name!r} leaves run.storage_path {storage}")
+        name = generated_name(cfg, runs, now)
+    if _leaves(runs, name):
+        raise ConfigError(f"config key 'run.name': {name!r} leaves run.storage_path {runs}")
     return name
 
 
+def _leaves(runs: Path, name: str) -> bool:
+    if storage.is_uri(runs):
+        return "/" in name or name in ("", ".", "..")
+    return (runs / name).resolve().parent != runs.resolve()
+
+
 def checkpoint_path(resume: str) -> Path:
-    path = Path(resume)
+    path = storage.as_path(resume)
     return path.parent if path.name == STATE_FILE else path
 
 
 def plan_run(cfg: TrainingJobConfig, name: str) -> RunPlan:
     """The checkpoint this command starts from, chosen by `run.resume`; nothing is loaded, only verified."""
-    run_dir = Path(cfg.run.storage_path) / name
+    run_dir = storage.as_path(cfg.run.storage_path) / name
     existing = checkpoint_folders(run_dir)
     plan = RunPlan(name, run_dir, preexisting=tuple(folder.name for folder in existing))
     resume = cfg.run.resume
@@ -153,18 +159,14 @@ def verify_reason(folder: Path) -> str:
 
 
 def file_digest(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(8 * 2**20):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return storage.sha256(path)
 
 
 def data_identity(data: DataConfig) -> dict[str, str]:
     """What the run trains on, by content: the digests of the train and val manifests (or indexes) and the labels."""
-    labels = data.labels or str(manifest.label_map_path(data.train))
+    labels = data.labels or manifest.label_map_path(data.train)
     sources = {"data.train": data.train, "data.val": data.val, "data.labels": labels}
-    return {key: file_digest(path) for key, path in sources.items() if path and Path(path).is_file()}
+    return {key: file_digest(path) for key, path in sources.items() if path and storage.is_file(path)}
 
 
 def _may_change(key: str) -> bool:

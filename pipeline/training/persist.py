@@ -4,7 +4,8 @@ Ray Train's default upload copies the files straight into `storage_path/name/che
 crash mid-copy leaves a torn `state.pt` there. This upload copies into a hidden staging folder beside it and
 renames the folder into place once every file is written (atomic on a local or NFS file system), removing the
 staging folder when the copy fails. The manifest inside the checkpoint (`pipeline/checkpoints.py`) is the second
-line of defence, for storage where a rename is not atomic.
+line of defence, for storage where a rename is not atomic: in an object store (no rename at all), each file is
+one upload and the manifest goes last.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     import ray.train
 
 log = logging.getLogger(__name__)
+MANIFEST = "checkpoint.json"  # pipeline.checkpoints.MANIFEST_FILE (not imported: this module must not need torch)
 
 
 class CheckpointUploadError(OSError):
@@ -45,6 +47,8 @@ def copy_whole(
     Raises CheckpointUploadError, with nothing left at either path, if the copy fails (a full disk, a lost mount).
     """
     final = posixpath.join(destination_root, dir_name)
+    if filesystem.type_name != "local":
+        return _copy_objects(source, source_filesystem, final, filesystem)
     staging = posixpath.join(destination_root, f".{dir_name}.partial")
     try:
         filesystem.create_dir(staging)
@@ -60,6 +64,30 @@ def copy_whole(
         _remove(filesystem, staging)
         if not isinstance(error, OSError):
             raise
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointUploadError(f"checkpoint {final} could not be written ({reason}); none was left") from error
+    return final
+
+
+def _copy_objects(
+    source: str, source_filesystem: pyarrow.fs.FileSystem, final: str, filesystem: pyarrow.fs.FileSystem
+) -> str:
+    """Into an object store, which has no folder rename: each object is whole or absent (one upload), and the
+    checkpoint's manifest goes last, so that a copy cut off midway leaves a folder that never verifies."""
+    files = source_filesystem.get_file_info(pyarrow.fs.FileSelector(source, recursive=True))
+    files = sorted((f for f in files if f.type == pyarrow.fs.FileType.File), key=lambda f: f.base_name == MANIFEST)
+    try:
+        for file in files:
+            target = posixpath.join(final, posixpath.relpath(file.path, source))
+            pyarrow.fs.copy_files(
+                file.path,
+                target,
+                source_filesystem=source_filesystem,
+                destination_filesystem=filesystem,
+                chunk_size=64 * 2**20,
+            )
+    except OSError as error:
+        _remove(filesystem, final)
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise CheckpointUploadError(f"checkpoint {final} could not be written ({reason}); none was left") from error
     return final
