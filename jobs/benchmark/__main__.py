@@ -1,5 +1,5 @@
-"""`python -m jobs.benchmark {model,data,pipeline,scale,transcode,storage,augment,demo,gpu-check} ...`: speed and size figures
-(BENCHMARKS.md records them)."""
+"""`python -m jobs.benchmark {model,data,pipeline,scale,transcode,storage,augment,demo,gpu-check} ...`: speed and
+size figures (BENCHMARKS.md records them)."""
 
 from __future__ import annotations
 
