@@ -19,7 +19,7 @@ from pipeline import checkpoints, storage
 from tests.conftest import REPO_ROOT
 from tests.videos import VideoSpec, write_indexed_video
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.bucket_run]
 
 CLASSES = ("left", "right")
 
