@@ -8,9 +8,20 @@ import numpy as np
 import pytest
 
 from jobs.prepare import main
-from pipeline.data.demo import MOTIONS, OUTLINE_REACH, make_demo_dataset, motion_path
+from pipeline.config import load_config, typed
+from pipeline.data.demo import (
+    DEMO_VERSION,
+    MOTIONS,
+    REACH,
+    SETTINGS_FILE,
+    DemoSettings,
+    demo_settings,
+    make_demo_dataset,
+    motion_path,
+)
 from pipeline.data.manifest import read_label_map, read_manifest
 from pipeline.data.video import probe
+from pipeline.training.driver import use_demo_if_unset
 
 SMALL = {"videos_per_class": 5, "size": 32, "num_frames": 12}
 
@@ -36,7 +47,10 @@ def test_another_seed_gives_other_videos(tmp_path: Path) -> None:
     make_demo_dataset(tmp_path / "a", seed=1, num_classes=2, videos_per_class=1, size=32, num_frames=8)
     make_demo_dataset(tmp_path / "b", seed=2, num_classes=2, videos_per_class=1, size=32, num_frames=8)
     a, b = _files(tmp_path / "a"), _files(tmp_path / "b")
-    assert a.keys() == b.keys() and a != b
+    videos = [
+        {path.split("/", 2)[2]: data for path, data in files.items() if path.endswith(".mp4")} for files in (a, b)
+    ]
+    assert videos[0].keys() == videos[1].keys() and videos[0] != videos[1]  # videos/v2-seedN/<motion>/<number>.mp4
 
 
 @pytest.mark.parametrize("motion", MOTIONS)
@@ -63,7 +77,7 @@ def test_each_class_is_its_motion_and_stays_in_frame(motion: str) -> None:
         }[motion]
         for quantity, direction in changes.items():
             assert (direction == expected.get(quantity, 0)).all(), f"{motion}: {quantity}"
-        reach = path.radius * OUTLINE_REACH
+        reach = path.radius * REACH
         assert (x - reach >= 0).all() and (x + reach <= 80).all() and (y - reach >= 0).all() and (y + reach <= 80).all()
 
 
@@ -72,3 +86,26 @@ def test_the_cli_writes_a_demo_dataset(tmp_path: Path) -> None:
     assert main([*args, "--frames", "8"]) == 0
     assert (tmp_path / "train.csv").is_file() and (tmp_path / "labels.txt").read_text() == "moving left\nmoving right\n"
     assert main(["demo", "--out", str(tmp_path / "x"), "--classes", "9"]) == 2
+
+
+def test_a_demo_folder_of_another_version_or_seed_is_made_again(tmp_path: Path, capsys) -> None:
+    """`python -m jobs.train` with no data reuses `data.demo.out` only when its `demo.json` matches what is asked;
+    a folder from before the satellite (no `demo.json`) or of another seed is made again, at new manifest paths, so
+    that no index cached for the old videos is reused."""
+    out = tmp_path / "demo"
+    settings = [f"data.demo.out={out}", "data.demo.videos_per_class=1"]
+    make_demo_dataset(out, seed=0, videos_per_class=1, size=32, num_frames=8)
+    (out / SETTINGS_FILE).unlink()  # as an older version left it
+    data = typed(load_config(None, settings)).data
+    use_demo_if_unset(data)
+    assert "making the demo dataset in" in capsys.readouterr().out
+    assert demo_settings(out) == DemoSettings(DEMO_VERSION, 0, 8, 1, 80, 40, 30, 0.2)
+    first_paths = set(read_manifest(data.train).column("path").to_pylist())
+    assert all(f"/videos/v{DEMO_VERSION}-seed0/" in path for path in first_paths)
+    again = typed(load_config(None, settings)).data
+    use_demo_if_unset(again)
+    assert capsys.readouterr().out == "" and again.train == data.train  # the same settings: reused
+    other_seed = typed(load_config(None, [*settings, "data.demo.seed=1"])).data
+    use_demo_if_unset(other_seed)
+    assert "making the demo dataset in" in capsys.readouterr().out and demo_settings(out).seed == 1
+    assert not set(read_manifest(other_seed.train).column("path").to_pylist()) & first_paths

@@ -14,13 +14,11 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -52,6 +50,8 @@ from pipeline.training.persist import upload_whole
 from pipeline.training.worker import NonFiniteLossError, WorkerLoop
 from tests.clips import decode_tasks, eval_transform
 from tests.conftest import REPO_ROOT
+from tests.mlflow_server import PASSWORD_VARIABLE, TrackingServer
+from tests.mlflow_server import tracking_server as start_tracking_server
 from tests.videos import VideoSpec, index_of, write_indexed_video
 
 pytestmark = pytest.mark.faults
@@ -243,77 +243,12 @@ def add_unusable_videos(manifest: Path) -> tuple[str, ...]:
     return tuple(str(folder / name) for name in names)
 
 
-PASSWORD_VARIABLE = "FAULTS_MLFLOW_PASSWORD"
-
-
-@dataclass
-class TrackingServer:
-    """A real `mlflow server` (no auth app: it accepts any credentials) that the runs reach with a password in their
-    tracking URI, so that the suite can check that the password is written and printed nowhere."""
-
-    url: str  # without credentials, for the test's own client
-    process: subprocess.Popen
-    password: str
-    root: Path  # its store, artifacts and log
-
-    @property
-    def uri_with_password(self) -> str:
-        """How the runs are told to reach it: user and password in the URI, the password from the environment."""
-        return self.url.replace("http://", f"http://faults:${{oc.env:{PASSWORD_VARIABLE}}}@")
-
-    def wait(self, timeout: float = 300) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, "mlflow server exited"
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        return self.url
-            except OSError:
-                time.sleep(0.5)
-        raise TimeoutError(f"mlflow server not up within {timeout} s")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def tracking_server(tmp_path_factory) -> Iterator[TrackingServer]:
     """Started with the module's demo data (its start-up, tens of seconds on 2 cores, overlaps the probing)."""
     root = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    with open(root / "server.log", "w") as log:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mlflow",
-                "server",
-                "--backend-store-uri",
-                f"sqlite:///{root / 'mlflow.db'}",
-                "--artifacts-destination",
-                str(root / "artifacts"),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--workers",
-                "1",
-            ],
-            cwd=root,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        yield TrackingServer(f"http://127.0.0.1:{port}", process, uuid.uuid4().hex, root)
-    finally:
-        for child in psutil.Process(process.pid).children(recursive=True):
-            child.kill()
-        process.kill()
-        process.wait()
+    with start_tracking_server(root, str(root / "artifacts")) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

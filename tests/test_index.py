@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
+from fractions import Fraction
 from pathlib import Path
 
 import pyarrow as pa
@@ -11,9 +12,18 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.prepare import main
-from pipeline.data.index import build_index, ensure_index, info_from_row, info_to_row, read_usable
+from pipeline.data.index import (
+    build_index,
+    compact_pts,
+    ensure_index,
+    expand_pts,
+    info_from_row,
+    info_to_row,
+    read_usable,
+)
 from pipeline.data.manifest import ManifestError, write_manifest
 from pipeline.data.video import probe
+from pipeline.errors import DataError
 from tests.videos import H264_BFRAMES_LONG_GOP, VP9_WEBM, VideoSpec, write_bad_videos, write_indexed_video
 
 
@@ -57,14 +67,37 @@ def test_build_index_keeps_order_and_reports_each_unusable_video(ray_session, mi
     assert (first["num_frames"], first["keyframes"], first["codec"], first["label"]) == (100, [0, 40, 80], "h264", 0)
 
 
-@pytest.mark.parametrize("spec", [H264_BFRAMES_LONG_GOP, replace(VP9_WEBM, pts_gap_every=5)])
+@pytest.mark.parametrize("spec", [H264_BFRAMES_LONG_GOP, VP9_WEBM, replace(VP9_WEBM, pts_gap_every=5)])
 def test_an_index_row_gives_back_the_probe(tmp_path: Path, spec) -> None:
-    """Evenly spaced pts are stored as start + step, others in full; both come back exactly."""
+    """Evenly spaced pts are stored as start + step (WebM's 1 ms time base rounds 30 fps to 33, 33, 34 ms: a step of
+    100/3), others in full; both come back exactly."""
     path = write_indexed_video(tmp_path / f"video.{'webm' if spec.codec == 'libvpx-vp9' else 'mp4'}", spec)
     info = probe(path)
     row = {"path": str(path), **info_to_row(info)}
     assert (row["pts"] == []) == (spec.pts_gap_every == 0)
     assert info_from_row(row) == info
+
+
+def test_timestamps_rounded_into_a_time_base_are_stored_as_a_fractional_step() -> None:
+    ntsc_in_ms = tuple((2 * i * 1001 + 30) // 60 for i in range(9000))  # 29.97 fps in 1 ms: 0, 33, 67, 100, 133, 167
+    assert compact_pts(ntsc_in_ms, 30000 / 1001, Fraction(1, 1000)) == (0, 1001, 30, [])
+    assert compact_pts(ntsc_in_ms[:2000], 0.0, Fraction(1, 1000))[1:3] == (1001, 30)  # from long pts alone
+    assert expand_pts(0, 1001, 30, 9000) == ntsc_in_ms
+    jittered = ntsc_in_ms[:100] + tuple(value + 1 for value in ntsc_in_ms[100:200])
+    assert compact_pts(jittered, 30000 / 1001, Fraction(1, 1000)) == (0, 0, 1, list(jittered))
+
+
+def test_a_format_2_index_row_reads_as_whole_steps(tmp_path: Path) -> None:
+    """Indexes probed before fractional steps (format 2, no `pts_step_den`) are read, not refused."""
+    path = write_indexed_video(tmp_path / "video.mp4", H264_BFRAMES_LONG_GOP)
+    info = probe(path)
+    row = {"path": str(path), **info_to_row(info), "probe_format": 2}
+    del row["pts_step_den"]
+    table = pa.Table.from_pylist([row])
+    usable, _ = read_usable(table)
+    assert info_from_row(usable.to_pylist()[0]) == info
+    with pytest.raises(DataError, match="probe format 1, this version reads 2 and 3"):
+        read_usable(table.drop_columns(["probe_format"]))
 
 
 @pytest.mark.faults

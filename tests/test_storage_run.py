@@ -1,22 +1,30 @@
 """A run that keeps everything in a bucket of a real local S3 server: videos, manifests, label map, indexes (written
-by `jobs.prepare index`, and the index cache of `jobs.train`), checkpoints (`run.storage_path=s3://...`), read back
-by a resumed run and by `jobs.evaluate`'s checkpoint search. A video that vanishes after it was indexed is skipped
-and counted, and the epoch goes on. One chain of commands in one subprocess and one Ray, whose workers inherit the
-server's endpoint and credentials from the environment, as on a cluster."""
+by `jobs.prepare index`, and the index cache of `jobs.train`), checkpoints (`run.storage_path=s3://...`) and MLflow's
+artifacts. The training is killed with its Ray once a checkpoint is in the bucket, and the same command resumes it
+from there; `jobs.evaluate` finds the newest checkpoint by searching the bucket. A video that vanishes after it was
+indexed is skipped and counted, and the epoch goes on. The commands run in subprocesses whose Ray workers inherit
+the server's endpoint and credentials from the environment, as on a cluster."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import boto3
+import mlflow
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline import checkpoints, storage
 from tests.conftest import REPO_ROOT
+from tests.mlflow_server import tracking_server
 from tests.videos import VideoSpec, write_indexed_video
 
 pytestmark = [pytest.mark.ray, pytest.mark.bucket_run]
@@ -40,7 +48,8 @@ def upload_dataset(tmp_path: Path, data: str) -> None:
         storage.write_text(f"{data}/{split}.csv", "path,label\n" + "\n".join(lines) + "\n")
 
 
-def run_jobs(s3, tmp_path: Path, *commands: tuple[str, list[str]]) -> subprocess.CompletedProcess:
+def job_environment(s3, tmp_path: Path) -> dict[str, str]:
+    """What a driver on a cluster node has: the store's endpoint and credentials in its environment."""
     env = {
         **os.environ,
         **s3.env,
@@ -49,17 +58,78 @@ def run_jobs(s3, tmp_path: Path, *commands: tuple[str, list[str]]) -> subprocess
         "HOME": str(tmp_path),  # no ~/.aws of whoever runs the tests
     }
     env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def start_jobs(s3, tmp_path: Path, *commands: tuple[str, list[str]], log: str) -> subprocess.Popen:
+    """The commands, one after another, in one new process group (it and its local Ray can be killed together)."""
     script = [sys.executable, str(REPO_ROOT / "tests" / "jobs_in_one_ray.py"), json.dumps(commands)]
-    return subprocess.run(script, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    with open(tmp_path / log, "w") as out:
+        return subprocess.Popen(
+            script,
+            env=job_environment(s3, tmp_path),
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
 
 
-def test_index_train_resume_and_evaluate_with_everything_in_a_bucket(s3, tmp_path, run_overrides):
+def kill_after_first_checkpoint(jobs: subprocess.Popen, run_dir: str, timeout: float = 400) -> Path:
+    """SIGKILL the jobs and their Ray (a lost driver node) as soon as a complete checkpoint is in the bucket."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert jobs.poll() is None, "the first command ended before it could be killed"
+        folders = checkpoints.checkpoint_folders(run_dir) if storage.exists(run_dir) else []
+        complete = [folder for folder in folders if _verifies(folder)]
+        if complete:
+            os.killpg(jobs.pid, signal.SIGKILL)
+            jobs.wait()
+            return complete[0]
+        time.sleep(0.25)
+    raise TimeoutError(f"no checkpoint in {run_dir} within {timeout} s")
+
+
+def _verifies(folder: Path) -> bool:
+    try:
+        checkpoints.verify(folder)
+        return True
+    except checkpoints.CheckpointError:
+        return False
+
+
+def test_index_train_kill_resume_and_evaluate_with_everything_in_a_bucket(s3, tmp_path, run_overrides):
+    """MLflow's artifacts go to the same bucket through an `mlflow server --artifacts-destination s3://...` (the
+    README's cluster recipe), and the logged model loads back from it as an MLflow user loads it."""
     bucket = s3.bucket("run-tests")
-    data, runs = f"{bucket}/k400", f"{bucket}/runs"
-    upload_dataset(tmp_path, data)
+    data, runs, artifacts = f"{bucket}/k400", f"{bucket}/runs", f"{bucket}/mlflow"
+    (tmp_path / "server").mkdir()
+    with tracking_server(tmp_path / "server", artifacts, env=job_environment(s3, tmp_path)) as server:
+        upload_dataset(tmp_path, data)
+        server.wait()
+        chain(s3, tmp_path, run_overrides, data, runs, server.url)
+        experiment = MlflowClient(server.url).get_experiment_by_name("mvit")
+        assert experiment.artifact_location.startswith("mlflow-artifacts:"), experiment.artifact_location
+        run = only_training_run(server.url, experiment.experiment_id)
+        stored = boto3.client("s3", endpoint_url=s3.server.url).list_objects_v2(Bucket="run-tests", Prefix="mlflow/")
+        keys = [entry["Key"] for entry in stored.get("Contents", [])]
+        assert any(key.endswith(f"{run.info.run_id}/artifacts/config.yaml") for key in keys), keys
+        assert not list((tmp_path / "server").rglob("config.yaml"))  # nothing kept beside the server instead
+        mlflow.set_tracking_uri(server.url)
+        exported = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/best_model")
+        with torch.no_grad():
+            assert exported(torch.randn(1, 3, 4, 32, 32)).shape == (1, len(CLASSES))
+
+
+def chain(s3, tmp_path: Path, run_overrides, data: str, runs: str, tracking_uri: str) -> None:
+    """`jobs.prepare index` and a 4-epoch `jobs.train`, killed with its Ray once its first checkpoint is in the
+    bucket; a video removed; the same command with `run.resume=latest`; `jobs.evaluate` by checkpoint search."""
+    bucket = runs.rsplit("/", 1)[0]
     tiny = [
-        "scaling.num_workers=1",  # epoch 1: 2 steps; epoch 2, a video short: 1 step (a partial batch)
+        "scaling.num_workers=1",  # an epoch: 2 steps, or 1 (a partial batch) once a video is gone
         "train.batch_size=2",
+        "train.epochs=4",
         "data.num_frames=4",
         "data.crop_size=32",
         "data.augment.min_short_side=32",
@@ -69,40 +139,55 @@ def test_index_train_resume_and_evaluate_with_everything_in_a_bucket(s3, tmp_pat
         "data.videos_per_task=2",
         f"data.index_cache={bucket}/index-cache",
         f"run.storage_path={runs}",
+        f"mlflow.tracking_uri={tracking_uri}",
     ]
     overrides = run_overrides(tmp_path, f"{data}/train.csv", f"{data}/val_index.parquet", *tiny)
     index = ["index", "--manifest", f"{data}/val.csv", "--out", f"{data}/val_index.parquet"]
+    first = start_jobs(s3, tmp_path, ("prepare", index), ("train", overrides), log="first.log")
+    killed_after = kill_after_first_checkpoint(first, f"{runs}/test")
+    assert storage.read_parquet(f"{data}/val_index.parquet").column("status").to_pylist() == ["ok", "ok"]
     evaluate = [
         "run.name=test",
         f"run.storage_path={runs}",
         f"data.test={data}/test.csv",
         "data.test_clips=1",
         f"data.index_cache={bucket}/index-cache",
-        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"mlflow.tracking_uri={tracking_uri}",
     ]
-    done = run_jobs(
+    second = start_jobs(
         s3,
         tmp_path,
-        ("prepare", index),
-        ("train", [*overrides, "train.epochs=1"]),
-        ("remove", [f"{data}/videos/left/0.mp4"]),  # indexed as fine, gone by the second epoch: skipped, counted
-        ("train", [*overrides, "train.epochs=2", "run.resume=latest"]),
+        ("remove", [f"{data}/videos/left/0.mp4"]),  # indexed as fine, gone by the resumed epochs: skipped, counted
+        ("train", [*overrides, "run.resume=latest"]),
         ("evaluate", evaluate),
+        log="second.log",
     )
-    (tmp_path / "jobs.log").write_text(done.stdout + done.stderr)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert storage.read_parquet(f"{data}/val_index.parquet").column("status").to_pylist() == ["ok", "ok"]
+    second.wait(timeout=600)
+    printed = (tmp_path / "second.log").read_text()
+    assert second.returncode == 0, printed[-5000:]
+    assert f"took over the lock of pid {first.pid} on " in printed  # the killed driver's lock object
+    resumed_from = re.search(r"training from (s3://\S+) \(step (\d+)\)", printed)
+    assert resumed_from and int(resumed_from.group(2)) >= 2, printed[-5000:]  # from a checkpoint in the bucket
+    assert checkpoints.verify(killed_after)["loop"]["epoch"] >= 1
     cached = sorted(entry.name for entry in storage.list_dir(f"{bucket}/index-cache"))
     assert [name.split("-")[0] for name in cached] == ["test", "train"], cached
-    first, second = sorted(checkpoints.checkpoint_folders(f"{runs}/test"))
-    assert isinstance(first, storage.UriPath) and checkpoints.verify(first)["loop"]["epoch"] == 1
-    assert checkpoints.verify(second)["loop"]["epoch"] == 2
-    assert f"training from {first} (step" in done.stdout  # the resumed command started from the bucket's checkpoint
-    assert f"model: {second}" in done.stdout and "videos evaluated: 2" in done.stdout  # evaluate found the newest
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    found = client.search_runs([experiment.experiment_id for experiment in client.search_experiments()])
-    skipped = [
-        metric.value for run in found for metric in client.get_metric_history(run.info.run_id, "data/skipped_videos")
-    ]
-    assert max(skipped) >= 1, (skipped, tmp_path / "jobs.log")
-    assert all("testing-secret-key" not in json.dumps(run.data.params) for run in found)
+    newest = sorted(checkpoints.checkpoint_folders(f"{runs}/test"))[-1]
+    assert isinstance(newest, storage.UriPath) and checkpoints.verify(newest)["loop"]["epoch"] == 4
+    assert f"model: {newest}" in printed and "videos evaluated: 2" in printed  # evaluate found the newest
+
+
+def only_training_run(tracking_uri: str, experiment_id: str):
+    """The one training run (the killed command's, continued by the resumed one), finished, every epoch logged,
+    the vanished video counted, no credential in its params."""
+    client = MlflowClient(tracking_uri)
+    found = client.search_runs([experiment_id])
+    training = [run for run in found if "train.epochs" in run.data.params]
+    assert len(training) == 1, [run.info.run_id for run in found]
+    run = training[0]
+    assert run.info.status == "FINISHED"
+    epochs = sorted(metric.value for metric in client.get_metric_history(run.info.run_id, "train/epoch"))
+    assert epochs == [1.0, 2.0, 3.0, 4.0], epochs
+    skipped = [metric.value for metric in client.get_metric_history(run.info.run_id, "data/skipped_videos")]
+    assert max(skipped) >= 1, skipped
+    assert all("testing-secret-key" not in json.dumps(other.data.params) for other in found)
+    return run

@@ -16,6 +16,7 @@ import re
 import threading
 import time
 import uuid
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ import pyarrow.parquet as pq
 
 from jobs.benchmark.data import DEFAULT_VIDEOS
 from jobs.benchmark.pipeline import RECIPE
-from pipeline.data.index import info_to_row
+from pipeline.data.index import compact_pts, info_to_row
 from pipeline.data.video import probe
 
 DEFAULT_FILES = ("k400_demo_340x256.mp4", "ntsc_29.97fps.mp4")
@@ -73,21 +74,29 @@ def run(args: argparse.Namespace) -> int:
 
 def index_bytes_per_video(row: dict) -> dict[str, float]:
     """Arrow and Parquet bytes per row of an index of 1,000 such rows, for the video as probed and as if 10 s and
-    1 h long at 30 fps (a keyframe every 250 frames), with constant or variable frame rate (every pts listed)."""
+    1 h long at 30 fps (a keyframe every 250 frames): constant frame rate in MP4's 1/15360 time base ("cfr"), in
+    Matroska's 1 ms time base (33, 33, 34 ms: "ms"), and variable (a frame late every 7: "vfr", every pts listed),
+    each stored as the index stores it."""
     sizes = {}
     for label, seconds in (("10s", 10), ("1h", 3600)):
         frames = 30 * seconds
-        for rate in ("cfr", "vfr"):
+        for rate in ("cfr", "ms", "vfr"):
+            time_base = Fraction(1, 1000) if rate == "ms" else Fraction(1, 15360)
+            step = Fraction(1, 30) / time_base
+            pts = tuple(round(i * step) + (1 if rate == "vfr" and i % 7 == 6 else 0) for i in range(frames))
+            start, step_num, step_den, listed = compact_pts(pts, 30.0, time_base)
+            keyframes = list(range(0, frames, 250))
             synthetic = {
                 **row,
                 "num_frames": frames,
-                "keyframes": list(range(0, frames, 250)),
-                "keyframe_pts": list(range(0, frames * 512, 250 * 512)),
-                "keyframe_dts": list(range(0, frames * 512, 250 * 512)),
-                "pts": [] if rate == "cfr" else list(range(0, frames * 512, 512)),
+                "time_base": str(time_base),
+                "keyframes": keyframes,
+                "keyframe_pts": [pts[i] for i in keyframes],
+                "keyframe_dts": [pts[i] for i in keyframes],
+                **{"pts_start": start, "pts_step": step_num, "pts_step_den": step_den, "pts": listed},
             }
             table = pa.Table.from_pylist(  # rows that differ, as real ones do, so Parquet cannot fold them
-                [{**synthetic, "path": f"{row['path']}.{i}", "pts_start": i} for i in range(1000)]
+                [{**synthetic, "path": f"{row['path']}.{i}", "stream_index": i} for i in range(1000)]
             )
             path = Path(f"/tmp/scale-index-{uuid.uuid4().hex}.parquet")
             pq.write_table(table, path)
@@ -205,10 +214,14 @@ def actor_load(pattern: str, args: argparse.Namespace) -> dict:
         return latencies, began_at, time.time()
 
     ray.get([caller.remote(n, time.time() + 1) for n in range(args.actor_callers)])  # starts the processes
+    actor = _actor_process()
+    cpu_before = sum(actor.cpu_times()[:2])
     until = time.time() + args.actor_seconds
     answers = ray.get([caller.remote(n, until) for n in range(args.actor_callers)])
+    actor_cpu = sum(actor.cpu_times()[:2]) - cpu_before
     latencies = np.concatenate([answer[0] for answer in answers])
     calls_per_s = len(latencies) / (max(a[2] for a in answers) - min(a[1] for a in answers))
+    cpu_ms_per_call = 1000 * actor_cpu / len(latencies)
     return {
         "pattern": pattern,
         "callers": args.actor_callers,
@@ -216,4 +229,18 @@ def actor_load(pattern: str, args: argparse.Namespace) -> dict:
         "p50_ms": round(1000 * float(np.percentile(latencies, 50)), 2),
         "p99_ms": round(1000 * float(np.percentile(latencies, 99)), 2),
         "videos_per_s_served": round(calls_per_s * 16 / (2 + notes)),
+        "actor_cpu_ms_per_call": round(cpu_ms_per_call, 3),
+        "calls_per_s_one_core": round(1000 / cpu_ms_per_call),  # the actor alone on a core: its capacity
     }
+
+
+def _actor_process() -> psutil.Process:
+    """The skip counter's worker process (a child of this driver's local Ray), whose CPU time is the actor's cost:
+    on a loaded machine calls per second measure the callers as much as the actor; CPU seconds per call do not."""
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.cmdline() and child.cmdline()[0].startswith("ray::SkipCounter"):
+                return child
+        except psutil.Error:
+            continue
+    raise RuntimeError("no ray::SkipCounter process among this driver's children")

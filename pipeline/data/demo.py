@@ -1,18 +1,22 @@
 """A small, learnable demo dataset whose classes are motions, so a correct model must use time.
 
-Each video shows one bright, lopsided blob over a dark background with per-frame noise. The class is how the blob
-moves: left, right, up, down, growing, shrinking, rotating clockwise or counter-clockwise. Shape, colours, size,
-start position and speed are random, drawn alike for every class, so a single frame says next to nothing about the
-class. The blob is bright on dark because a small model learns motion from a few hundred steps only when the moving
-edge is the strongest signal in the clip (with mid-grey colours of either brightness, mvit_tiny and a small 3D CNN
-stayed at chance for 300 steps). Videos are H.264 mp4 files; output is bit-identical for a seed on a given machine
-(single-threaded x264 without SIMD, per-video seeded RNGs).
+Each video shows one bright, lopsided blob with a small satellite disc beside it, over a dark background with
+per-frame noise. The class is how the blob moves: left, right, up, down, growing, shrinking, rotating clockwise or
+counter-clockwise. Shape, colours, size, start position, speed and the satellite's side are random, drawn alike for
+every class, so a single frame says next to nothing about the class. The blob is bright on dark because a small
+model learns motion from a few hundred steps only when the moving edge is the strongest signal in the clip (with
+mid-grey colours of either brightness, mvit_tiny and a small 3D CNN stayed at chance for 300 steps). The satellite
+turns with the blob: without it, a rotation moved only the outline's bumps, under a pixel per sampled frame at 64²,
+and one seed in five confused clockwise with counter-clockwise (BENCHMARKS.md, issue 12). Videos are H.264 mp4
+files; output is bit-identical for a seed on a given machine (single-threaded x264 without SIMD, per-video seeded
+RNGs). `DEMO_VERSION`, written to `demo.json` with the settings, tells a folder made by another version apart.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
 
@@ -34,6 +38,11 @@ MOTIONS = (
     "rotating counter-clockwise",
 )
 OUTLINE_REACH = 1.5  # the blob's outline is at most this many radii from its centre
+SATELLITE_DISTANCE = 1.6  # the satellite's centre, in radii from the blob's: apart from the outline
+SATELLITE_RADIUS = 0.3  # in radii
+REACH = SATELLITE_DISTANCE + SATELLITE_RADIUS  # everything drawn is within this many radii of the centre
+DEMO_VERSION = 2  # 2: the satellite
+SETTINGS_FILE = "demo.json"
 # One thread and no assembly: with its SIMD routines on, this x264 build gave 2 to 4 different bitstreams for the
 # same frames over 10 encodes (80×80; 32- and 64-pixel-wide frames happened to be stable). Plain C costs ~30 s here.
 X264_OPTIONS = {"preset": "veryfast", "crf": "20", "x264-params": "threads=1:lookahead-threads=1:asm=0"}
@@ -47,6 +56,28 @@ class DemoDataset:
     train_manifest: Path
     val_manifest: Path
     label_map: Path
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """What a demo folder was made with (its `demo.json`): a folder of other settings is made again, not reused."""
+
+    version: int
+    seed: int
+    num_classes: int
+    videos_per_class: int
+    size: int
+    num_frames: int
+    fps: int
+    val_fraction: float
+
+
+def demo_settings(folder: str | os.PathLike) -> DemoSettings | None:
+    """The settings a demo folder was made with; None when it has no readable `demo.json` (an older version)."""
+    try:
+        return DemoSettings(**json.loads((Path(folder) / SETTINGS_FILE).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def make_demo_dataset(
@@ -70,7 +101,8 @@ def make_demo_dataset(
     splits: dict[str, list[tuple[str, int]]] = {"train": [], "val": []}
     for label, motion in enumerate(MOTIONS[:num_classes]):
         for number in range(videos_per_class):
-            relative = f"videos/{motion.replace(' ', '_')}/{number:04d}.mp4"
+            # version and seed in the path: manifests of other videos differ, so no index cached for them is reused
+            relative = f"videos/v{DEMO_VERSION}-seed{seed}/{motion.replace(' ', '_')}/{number:04d}.mp4"
             rng = np.random.default_rng([seed, label, number])
             _encode(root / relative, _render(motion, rng, size, num_frames), fps)
             splits["val" if number >= videos_per_class - val_per_class else "train"].append((relative, label))
@@ -81,6 +113,8 @@ def make_demo_dataset(
         table = pa.table({"path": [path for path, _ in rows], "label": labels})
         write_manifest(table, manifests[split])
     write_label_map(list(MOTIONS[:num_classes]), root / LABEL_MAP_NAME)
+    settings = DemoSettings(DEMO_VERSION, seed, num_classes, videos_per_class, size, num_frames, fps, val_fraction)
+    (root / SETTINGS_FILE).write_text(json.dumps(asdict(settings)) + "\n")  # last: a cut-off run leaves none
     return DemoDataset(root, manifests["train"], manifests["val"], root / LABEL_MAP_NAME)
 
 
@@ -104,7 +138,7 @@ def motion_path(motion: str, rng: np.random.Generator, size: int, num_frames: in
     if motion in ("growing", "shrinking"):
         small, large = rng.uniform(0.05, 0.07) * size, rng.uniform(0.15, 0.17) * size
         radius = small + (large - small) * (progress if motion == "growing" else 1 - progress)
-    margin = OUTLINE_REACH * radius.max() + 1
+    margin = REACH * radius.max() + 1
     centre = np.tile(rng.uniform(margin, size - margin, 2), (num_frames, 1))
     angle = np.full(num_frames, rng.uniform(0, 2 * np.pi))
     if motion.startswith("moving"):
@@ -121,18 +155,24 @@ def motion_path(motion: str, rng: np.random.Generator, size: int, num_frames: in
 
 
 def _render(motion: str, rng: np.random.Generator, size: int, num_frames: int) -> np.ndarray:
-    """(T, size, size, 3) uint8 frames of one irregular blob following a random path of `motion`."""
+    """(T, size, size, 3) uint8 frames of one irregular blob and its satellite following a random path of `motion`."""
     background = rng.uniform(0, 60, 3).astype(np.float32)  # dark, flat
     colour = rng.uniform(170, 255, 3).astype(np.float32)  # bright
     harmonics = [(k, rng.uniform(0.1, (OUTLINE_REACH - 1) / 3), rng.uniform(0, 2 * np.pi)) for k in (1, 2, 3)]
     path = motion_path(motion, rng, size, num_frames)
+    side = rng.uniform(0, 2 * np.pi)
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
     dx = xs - path.centre[:, 0, None, None].astype(np.float32)  # (T, size, size)
     dy = ys - path.centre[:, 1, None, None].astype(np.float32)
     theta = np.arctan2(dy, dx) - path.angle[:, None, None].astype(np.float32)
     outline = 1 + sum(amplitude * np.cos(k * theta + phase) for k, amplitude, phase in harmonics)
-    edge = path.radius[:, None, None].astype(np.float32) * outline
-    alpha = np.clip(edge - np.hypot(dx, dy) + 0.5, 0, 1)[..., None]
+    radius = path.radius[:, None, None].astype(np.float32)
+    alpha = np.clip(radius * outline - np.hypot(dx, dy) + 0.5, 0, 1)
+    turned = (path.angle + side)[:, None, None].astype(np.float32)
+    satellite_x = dx - SATELLITE_DISTANCE * radius * np.cos(turned)
+    satellite_y = dy - SATELLITE_DISTANCE * radius * np.sin(turned)
+    satellite = np.clip(SATELLITE_RADIUS * radius - np.hypot(satellite_x, satellite_y) + 0.5, 0, 1)
+    alpha = np.maximum(alpha, satellite)[..., None]
     noise = rng.standard_normal((num_frames, size, size, 3), dtype=np.float32) * 6
     frames = background * (1 - alpha) + colour.astype(np.float32) * alpha + noise
     return np.clip(frames, 0, 255).astype(np.uint8)

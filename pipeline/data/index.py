@@ -2,9 +2,11 @@
 
 Each row keeps the manifest's columns and adds what `probe` measured plus a `status`: "ok", or why the video can't
 be used. Training takes only the ok rows, so an unusable video is reported here rather than found mid-epoch. Frame
-timestamps are stored as start + step when evenly spaced (as in most MP4 files) and listed in full otherwise, which
-keeps a Kinetics-sized index small (BENCHMARKS.md measures it). Every row names the `probe_format` it was written
-with; an index of another format is refused rather than read wrongly (probe the manifest again). Manifests, indexes
+timestamps are stored as start + i × step when evenly spaced, the step a fraction where the time base can't hold
+the frame rate exactly (Matroska's 1 ms rounds 30 fps to 33, 33, 34 ms), and listed in full only for a really
+irregular stream, which keeps a Kinetics-sized index small (BENCHMARKS.md measures it). Every row names the
+`probe_format` it was written with; an index of a format this version can't read is refused rather than read
+wrongly (probe the manifest again). Manifests, indexes
 and the index cache may be local paths or URIs (`s3://...`, through `pipeline.storage`).
 """
 
@@ -31,8 +33,10 @@ from pipeline.progress import Progress
 
 OK = "ok"
 # The version of what `probe` measures and how a row stores it. Bump it whenever a probe would write a row that an
-# older reader misreads (2: display rotation; width/height as displayed; AVI timestamps verified by a decode).
-PROBE_FORMAT = 2
+# older reader misreads (2: display rotation; width/height as displayed; AVI timestamps verified by a decode;
+# 3: fractional timestamp steps, `pts_step_den`). Format 2 rows read as format 3 rows with whole steps.
+PROBE_FORMAT = 3
+READABLE_FORMATS = {2, 3}
 INDEX_FIELDS = [
     pa.field("status", pa.string()),
     pa.field("probe_format", pa.int64()),
@@ -48,8 +52,9 @@ INDEX_FIELDS = [
     pa.field("stream_index", pa.int64()),
     pa.field("time_base", pa.string()),
     pa.field("pts_start", pa.int64()),
-    pa.field("pts_step", pa.int64()),
-    pa.field("pts", pa.list_(pa.int64())),  # empty when pts_start + i * pts_step gives every frame's pts
+    pa.field("pts_step", pa.int64()),  # numerator of the step, in time-base units
+    pa.field("pts_step_den", pa.int64()),  # frame i is at pts_start + round(i * pts_step / pts_step_den)
+    pa.field("pts", pa.list_(pa.int64())),  # empty unless that formula misses a frame's pts; then every pts
     pa.field("pts_ordered", pa.bool_()),
     pa.field("rotation", pa.int64()),
 ]
@@ -188,11 +193,12 @@ def read_usable(index: str | os.PathLike | pa.Table) -> tuple[pa.Table, list[tup
     """The usable rows of an index, and (path, reason) for each video left out."""
     table = index if isinstance(index, pa.Table) else storage.read_parquet(index)
     formats = set(table.column("probe_format").to_pylist()) if "probe_format" in table.column_names else {1}
-    if formats - {PROBE_FORMAT}:
+    if formats - READABLE_FORMATS:
         name = "the index" if isinstance(index, pa.Table) else f"index {storage.redact(os.fspath(index))}"
         found = ", ".join(str(found) for found in sorted(formats, key=str))
+        readable = " and ".join(str(number) for number in sorted(READABLE_FORMATS))
         raise DataError(
-            f"{name} was written by probe format {found}, this version reads {PROBE_FORMAT}: "
+            f"{name} was written by probe format {found}, this version reads {readable}: "
             "probe its manifest again (python -m jobs.prepare index)"
         )
     usable = table.filter(pc.equal(table.column("status"), OK))
@@ -201,7 +207,7 @@ def read_usable(index: str | os.PathLike | pa.Table) -> tuple[pa.Table, list[tup
 
 def info_to_row(info: VideoInfo) -> dict[str, Any]:
     """The index columns describing a probed video."""
-    pts_start, pts_step, pts = _compact_pts(info.pts)
+    pts_start, pts_step, pts_step_den, pts = compact_pts(info.pts, info.fps, info.time_base)
     return {
         "status": OK,
         "probe_format": PROBE_FORMAT,
@@ -218,6 +224,7 @@ def info_to_row(info: VideoInfo) -> dict[str, Any]:
         "time_base": str(info.time_base),
         "pts_start": pts_start,
         "pts_step": pts_step,
+        "pts_step_den": pts_step_den,
         "pts": pts,
         "pts_ordered": info.pts_ordered,
         "rotation": info.rotation,
@@ -227,7 +234,7 @@ def info_to_row(info: VideoInfo) -> dict[str, Any]:
 def info_from_row(row: dict[str, Any]) -> VideoInfo:
     """The VideoInfo of a usable index row, so decoding needn't probe again."""
     count = row["num_frames"]
-    pts = tuple(row["pts"]) or tuple(row["pts_start"] + i * row["pts_step"] for i in range(count))
+    pts = tuple(row["pts"]) or expand_pts(row["pts_start"], row["pts_step"], row.get("pts_step_den") or 1, count)
     return VideoInfo(
         path=row["path"],
         num_frames=count,
@@ -259,11 +266,26 @@ def _probe_batch(batch: pa.Table) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)
 
 
-def _compact_pts(pts: tuple[int, ...]) -> tuple[int, int, list[int]]:
-    step = pts[1] - pts[0] if len(pts) > 1 else 0
-    if all(value == pts[0] + i * step for i, value in enumerate(pts)):
-        return pts[0], step, []
-    return pts[0], 0, list(pts)
+def compact_pts(pts: tuple[int, ...], fps: float, time_base: Fraction) -> tuple[int, int, int, list[int]]:
+    """(start, step numerator, step denominator, []) when `expand_pts` gives back every pts exactly, else
+    (start, 0, 1, every pts). The step tried: the first difference, the one the frame rate implies, and close
+    fractions of the mean step; each is checked against every frame, so a wrong guess only costs space."""
+    if len(pts) < 2:
+        return (pts[0] if pts else 0), 0, 1, []
+    mean = Fraction(pts[-1] - pts[0], len(pts) - 1)
+    candidates = [Fraction(pts[1] - pts[0])]
+    if fps > 0 and time_base:
+        candidates.append(1 / (Fraction(fps).limit_denominator(1001) * time_base))
+    candidates += [mean.limit_denominator(bound) for bound in (10, 100, 1001)]
+    for step in dict.fromkeys(candidates):
+        if step > 0 and expand_pts(pts[0], step.numerator, step.denominator, len(pts)) == tuple(pts):
+            return pts[0], step.numerator, step.denominator, []
+    return pts[0], 0, 1, list(pts)
+
+
+def expand_pts(start: int, step: int, step_den: int, count: int) -> tuple[int, ...]:
+    """start + i × step / step_den rounded half up, for i < count: how muxers round a rate into a time base."""
+    return tuple(start + (2 * i * step + step_den) // (2 * step_den) for i in range(count))
 
 
 def _unusable(table: pa.Table) -> list[tuple[str, str]]:

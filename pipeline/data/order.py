@@ -128,13 +128,25 @@ class IndexSource(Datasource):
         return max(self._last_epoch, 0) if epoch is None else epoch
 
     def _cut(self, epoch: int) -> list[ReadTask]:
-        table: pa.Table = ray.get(self._index)
-        if self._order is not None and self._order.shuffle:
-            table = table.take(epoch_permutation(self._num_rows, self._order.seed, epoch))
-        table = table.append_column("epoch", pa.array(np.full(self._num_rows, epoch, dtype=np.int64)))
-        size = self._videos_per_task
-        parts = [table.slice(start, size) for start in range(0, self._num_rows, size)]
+        shuffle = self._order is not None and self._order.shuffle
+        parts = epoch_parts(ray.get(self._index), self._videos_per_task, self._order.seed if shuffle else None, epoch)
         return [ReadTask(functools.partial(_read, part), _metadata(part), schema=part.schema) for part in parts]
+
+
+def epoch_parts(index: pa.Table, videos_per_task: int, seed: int | None, epoch: int) -> list[pa.Table]:
+    """The index rows of `epoch` (in the permutation of (seed, epoch), or in index order when seed is None) in parts
+    of `videos_per_task`, each with an `epoch` column.
+
+    Each part is its own small table (taken, not sliced): a slice shares its parent's buffers and pickles them
+    whole, so every read task of a 240k-video epoch would carry the whole index (60 MB) instead of its 16 rows.
+    """
+    count = index.num_rows
+    rows = epoch_permutation(count, seed, epoch) if seed is not None else np.arange(count)
+    parts = []
+    for start in range(0, count, videos_per_task):
+        part = index.take(rows[start : start + videos_per_task])
+        parts.append(part.append_column("epoch", pa.array(np.full(part.num_rows, epoch, dtype=np.int64))))
+    return parts
 
 
 def _read(part: pa.Table) -> list[pa.Table]:

@@ -26,7 +26,7 @@ from pipeline.config import RESUME_LATEST, DataConfig, ModelConfig, TrainingJobC
 from pipeline.data import index, manifest
 from pipeline.data.augment import clip_augments
 from pipeline.data.dataset import DecodeTasks, train_dataset, val_dataset
-from pipeline.data.demo import DemoDataset, make_demo_dataset
+from pipeline.data.demo import DEMO_VERSION, DemoDataset, demo_settings, make_demo_dataset
 from pipeline.data.sampling import ClipSpec
 from pipeline.data.transforms import EvalTransform, TrainTransform
 from pipeline.errors import ConfigError, DataError, ModelError
@@ -122,12 +122,18 @@ def use_demo_if_unset(data: DataConfig) -> None:
         return
     out = Path(data.demo.out)
     demo = DemoDataset(out, out / "train.csv", out / "val.csv", out / manifest.LABEL_MAP_NAME)
-    if not all(path.is_file() for path in (demo.train_manifest, demo.val_manifest, demo.label_map)):
-        print(f"making the demo dataset in {out}")
+    made = demo_settings(out)
+    if made is None or (made.version, made.seed, made.videos_per_class) != wanted_demo(data):
+        print(f"making the demo dataset in {out}" + (" (the one there is of other settings)" if out.exists() else ""))
         demo = make_demo_dataset(out, seed=data.demo.seed, videos_per_class=data.demo.videos_per_class)
     data.train, data.val = str(demo.train_manifest), str(demo.val_manifest)
     data.labels = data.labels or str(demo.label_map)
     data.root = data.root or str(demo.root)
+
+
+def wanted_demo(data: DataConfig) -> tuple[int, int, int]:
+    """(version, seed, videos per class) of the demo dataset that `data.demo` asks for."""
+    return DEMO_VERSION, data.demo.seed, data.demo.videos_per_class
 
 
 def plan_data(cfg: TrainingJobConfig) -> DataPlan:
