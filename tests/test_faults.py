@@ -234,7 +234,7 @@ def add_unusable_videos(manifest: Path) -> tuple[str, ...]:
     folder = manifest.parent / "unusable"
     folder.mkdir()
     (folder / "empty.mp4").write_bytes(b"")
-    whole = (manifest.parent / "videos" / "moving_left" / "0000.mp4").read_bytes()
+    whole = min((manifest.parent / "videos").rglob("*.mp4")).read_bytes()  # a good video of the demo
     (folder / "truncated.mp4").write_bytes(whole[: len(whole) // 2])
     (folder / "notes.mp4").write_text("not a video\n" * 100)
     names = ("empty.mp4", "truncated.mp4", "notes.mp4")

@@ -168,7 +168,7 @@ def chain(s3, tmp_path: Path, run_overrides, data: str, runs: str, tracking_uri:
     assert f"took over the lock of pid {first.pid} on " in printed  # the killed driver's lock object
     resumed_from = re.search(r"training from (s3://\S+) \(step (\d+)\)", printed)
     assert resumed_from and int(resumed_from.group(2)) >= 2, printed[-5000:]  # from a checkpoint in the bucket
-    assert checkpoints.verify(killed_after)["loop"]["epoch"] >= 1
+    assert resumed_from.group(1) >= str(killed_after)  # that checkpoint, or a later one the kill left whole
     cached = sorted(entry.name for entry in storage.list_dir(f"{bucket}/index-cache"))
     assert [name.split("-")[0] for name in cached] == ["test", "train"], cached
     newest = sorted(checkpoints.checkpoint_folders(f"{runs}/test"))[-1]
