@@ -24,7 +24,7 @@ def kinetics_like_index() -> pa.Table:
 
 
 def test_each_part_carries_only_its_rows() -> None:
-    """A slice would pickle its parent's buffers whole: every read task of the epoch would carry the whole index."""
+    """A slice would pickle its parent's buffers whole (ARROW-10739), unless a serializer re-slices them."""
     index = kinetics_like_index()
     parts = epoch_parts(index, 16, seed=0, epoch=3)
     assert len(parts) == ROWS // 16 and all(part.num_rows == 16 for part in parts)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import threading
 import time
@@ -214,13 +215,14 @@ def actor_load(pattern: str, args: argparse.Namespace) -> dict:
         return latencies, began_at, time.time()
 
     ray.get([caller.remote(n, time.time() + 1) for n in range(args.actor_callers)])  # starts the processes
-    actor = _actor_process()
+    actor = psutil.Process(ray.get(counter.__ray_call__.remote(lambda _: os.getpid())))
     cpu_before = sum(actor.cpu_times()[:2])
     until = time.time() + args.actor_seconds
     answers = ray.get([caller.remote(n, until) for n in range(args.actor_callers)])
     actor_cpu = sum(actor.cpu_times()[:2]) - cpu_before
     latencies = np.concatenate([answer[0] for answer in answers])
     calls_per_s = len(latencies) / (max(a[2] for a in answers) - min(a[1] for a in answers))
+    # the actor's own CPU time (on a loaded machine calls per second measure the callers as much as the actor)
     cpu_ms_per_call = 1000 * actor_cpu / len(latencies)
     return {
         "pattern": pattern,
@@ -230,17 +232,5 @@ def actor_load(pattern: str, args: argparse.Namespace) -> dict:
         "p99_ms": round(1000 * float(np.percentile(latencies, 99)), 2),
         "videos_per_s_served": round(calls_per_s * 16 / (2 + notes)),
         "actor_cpu_ms_per_call": round(cpu_ms_per_call, 3),
-        "calls_per_s_one_core": round(1000 / cpu_ms_per_call),  # the actor alone on a core: its capacity
+        "calls_per_s_one_core": round(1000 / cpu_ms_per_call) if cpu_ms_per_call else None,  # alone on a core
     }
-
-
-def _actor_process() -> psutil.Process:
-    """The skip counter's worker process (a child of this driver's local Ray), whose CPU time is the actor's cost:
-    on a loaded machine calls per second measure the callers as much as the actor; CPU seconds per call do not."""
-    for child in psutil.Process().children(recursive=True):
-        try:
-            if child.cmdline() and child.cmdline()[0].startswith("ray::SkipCounter"):
-                return child
-        except psutil.Error:
-            continue
-    raise RuntimeError("no ray::SkipCounter process among this driver's children")

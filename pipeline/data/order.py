@@ -137,8 +137,9 @@ def epoch_parts(index: pa.Table, videos_per_task: int, seed: int | None, epoch: 
     """The index rows of `epoch` (in the permutation of (seed, epoch), or in index order when seed is None) in parts
     of `videos_per_task`, each with an `epoch` column.
 
-    Each part is its own small table (taken, not sliced): a slice shares its parent's buffers and pickles them
-    whole, so every read task of a 240k-video epoch would carry the whole index (60 MB) instead of its 16 rows.
+    Each part is its own small table (taken, not sliced): a slice shares its parent's buffers and plain pickle
+    writes them whole (ARROW-10739); Ray's serializer re-slices them at every serialization, a taken part needs no
+    such work wherever it is pickled.
     """
     count = index.num_rows
     rows = epoch_permutation(count, seed, epoch) if seed is not None else np.arange(count)
