@@ -74,7 +74,7 @@ def test_the_run_presents_a_training_experiment_with_described_models(trained, d
     assert card["labels"] == read_label_map(demo.label_map)
     assert card["clip"] == {
         "num_frames": 8,
-        "sampling_rate": 2,
+        "sampling_rate": 4,
         "target_fps": 30.0,
         "crop_size": 64,
         "test_short_side": 64,
