@@ -76,27 +76,18 @@ def start_jobs(s3, tmp_path: Path, *commands: tuple[str, list[str]], log: str) -
         )
 
 
-def kill_after_first_checkpoint(jobs: subprocess.Popen, run_dir: str, timeout: float = 400) -> Path:
+def kill_after_first_checkpoint(jobs: subprocess.Popen, runs: str, run_name: str, timeout: float = 400) -> Path:
     """SIGKILL the jobs and their Ray (a lost driver node) as soon as a complete checkpoint is in the bucket."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert jobs.poll() is None, "the first command ended before it could be killed"
-        folders = checkpoints.checkpoint_folders(run_dir) if storage.exists(run_dir) else []
-        complete = [folder for folder in folders if _verifies(folder)]
-        if complete:
+        complete = checkpoints.latest_checkpoint(runs, run_name)
+        if complete is not None:
             os.killpg(jobs.pid, signal.SIGKILL)
             jobs.wait()
-            return complete[0]
+            return complete
         time.sleep(0.25)
-    raise TimeoutError(f"no checkpoint in {run_dir} within {timeout} s")
-
-
-def _verifies(folder: Path) -> bool:
-    try:
-        checkpoints.verify(folder)
-        return True
-    except checkpoints.CheckpointError:
-        return False
+    raise TimeoutError(f"no checkpoint in {runs}/{run_name} within {timeout} s")
 
 
 def test_index_train_kill_resume_and_evaluate_with_everything_in_a_bucket(s3, tmp_path, run_overrides):
@@ -144,7 +135,7 @@ def chain(s3, tmp_path: Path, run_overrides, data: str, runs: str, tracking_uri:
     overrides = run_overrides(tmp_path, f"{data}/train.csv", f"{data}/val_index.parquet", *tiny)
     index = ["index", "--manifest", f"{data}/val.csv", "--out", f"{data}/val_index.parquet"]
     first = start_jobs(s3, tmp_path, ("prepare", index), ("train", overrides), log="first.log")
-    killed_after = kill_after_first_checkpoint(first, f"{runs}/test")
+    killed_after = kill_after_first_checkpoint(first, runs, "test")
     assert storage.read_parquet(f"{data}/val_index.parquet").column("status").to_pylist() == ["ok", "ok"]
     evaluate = [
         "run.name=test",

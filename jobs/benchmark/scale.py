@@ -94,7 +94,10 @@ def index_bytes_per_video(row: dict) -> dict[str, float]:
                 "keyframes": keyframes,
                 "keyframe_pts": [pts[i] for i in keyframes],
                 "keyframe_dts": [pts[i] for i in keyframes],
-                **{"pts_start": start, "pts_step": step_num, "pts_step_den": step_den, "pts": listed},
+                "pts_start": start,
+                "pts_step": step_num,
+                "pts_step_den": step_den,
+                "pts": listed,
             }
             table = pa.Table.from_pylist(  # rows that differ, as real ones do, so Parquet cannot fold them
                 [{**synthetic, "path": f"{row['path']}.{i}", "stream_index": i} for i in range(1000)]

@@ -6,8 +6,8 @@ counter-clockwise. Shape, colours, size, start position, speed and the satellite
 every class, so a single frame says next to nothing about the class. The blob is bright on dark because a small
 model learns motion from a few hundred steps only when the moving edge is the strongest signal in the clip (with
 mid-grey colours of either brightness, mvit_tiny and a small 3D CNN stayed at chance for 300 steps). The satellite
-turns with the blob: without it, a rotation moved only the outline's bumps, under a pixel per sampled frame at 64²,
-and one seed in five confused clockwise with counter-clockwise (BENCHMARKS.md, issue 12). Videos are H.264 mp4
+turns with the blob: without it, a rotation moved only the outline's bumps, a pixel or less per sampled frame at
+64², and one seed in five confused clockwise with counter-clockwise (BENCHMARKS.md, issue 12). Videos are H.264 mp4
 files; output is bit-identical for a seed on a given machine (single-threaded x264 without SIMD, per-video seeded
 RNGs). `DEMO_VERSION`, written to `demo.json` with the settings, tells a folder made by another version apart.
 """

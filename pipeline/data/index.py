@@ -6,8 +6,8 @@ timestamps are stored as start + i × step when evenly spaced, the step a fracti
 the frame rate exactly (Matroska's 1 ms rounds 30 fps to 33, 33, 34 ms), and listed in full only for a really
 irregular stream, which keeps a Kinetics-sized index small (BENCHMARKS.md measures it). Every row names the
 `probe_format` it was written with; an index of a format this version can't read is refused rather than read
-wrongly (probe the manifest again). Manifests, indexes
-and the index cache may be local paths or URIs (`s3://...`, through `pipeline.storage`).
+wrongly (probe the manifest again). Manifests, indexes and the index cache may be local paths or URIs (`s3://...`,
+through `pipeline.storage`).
 """
 
 from __future__ import annotations
