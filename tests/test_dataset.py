@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import ray
 
@@ -102,6 +103,20 @@ def test_the_seed_and_the_epoch_fix_the_order_and_the_clips(ray_session, videos:
     )
     for other in (clips(0, 0), clips(1, 1)):
         assert sum(np.array_equal(a, b) for a, b in zip(same, other)) < 3
+
+
+def test_an_index_of_many_chunks_is_stored_as_one(ray_session, videos: dict[str, Path]) -> None:
+    """A concatenation of per-file tables has a chunk per file in every column: shipped as it is, each reader of
+    the index (the planner on the driver, the split coordinator) rebuilt every chunk, ~2.4 million arrays for a
+    240k-row index (jobs.benchmark scale: 6.6 GB of driver memory, BENCHMARKS.md)."""
+    one = index_of([videos["webm"], videos["long_gop"]])
+    index = pa.concat_tables([one] * 50)
+    assert index.column("path").num_chunks == 50
+    source = IndexSource(index, 16, EpochOrder(0, 0))
+    stored = ray.get(source._index)
+    assert {column.num_chunks for column in stored.columns} == {1} and stored.equals(index)
+    read = [part for task in source.get_read_tasks(1) for part in task()]
+    assert sum(part.num_rows for part in read) == 100
 
 
 def test_val_views_are_the_centre_clip_resized_and_centre_cropped_exactly(ray_session, videos: dict[str, Path]) -> None:

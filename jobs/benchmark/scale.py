@@ -3,9 +3,10 @@
 For each N, a synthetic index of N rows pointing at a few real short videos is made into one epoch's datasets
 exactly as training makes them (`build_datasets`, then `streaming_split` over `--workers` consumers with equal
 shards, as Ray Train splits "train"), and the first `--clips` clips are streamed to the consumers. Reported: set-up
-time, time to the first batch, clips/s, the peak RSS of this driver and of Ray Data's split coordinator (where an
-epoch's order is drawn), and the object store's bytes and objects. Also the index's own size per video (10 s and
-1 h videos, constant and variable frame rate), and how many calls per second the skip-counter actor serves.
+time, time to the first batch, clips/s, the peak RSS of this driver (and its RSS before, what imports and Ray cost)
+and of Ray Data's split coordinator (where an epoch's order is drawn), and the object store's bytes and objects.
+Also the index's own size per video (10 s and 1 h videos, constant and variable frame rate), and how many calls per
+second the skip-counter actor serves.
 """
 
 from __future__ import annotations
@@ -115,6 +116,7 @@ def epoch_figures(index: pa.Table, cfg, args: argparse.Namespace) -> dict:
     from pipeline.training.driver import DataPlan, build_datasets
 
     name = f"scale-{uuid.uuid4().hex[:8]}"
+    before = psutil.Process().memory_info()
     peaks = _RssWatcher()
     peaks.start()
     started = time.perf_counter()
@@ -151,6 +153,7 @@ def epoch_figures(index: pa.Table, cfg, args: argparse.Namespace) -> dict:
         "first_batch_s": round(first_batch[0] - iterating, 2) if first_batch else None,
         "clips": sum(clips),
         "clips_per_s": round(sum(clips) / (ended - iterating), 2),
+        "driver_rss_before_mib": round(before.rss / 2**20),
         "driver_peak_rss_mib": round(peaks.driver / 2**20),
         "driver_peak_private_mib": round(peaks.driver_private / 2**20),
         "coordinator_peak_private_mib": round(peaks.coordinator / 2**20),

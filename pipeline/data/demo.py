@@ -1,15 +1,16 @@
 """A small, learnable demo dataset whose classes are motions, so a correct model must use time.
 
-Each video shows one bright, lopsided blob with a small satellite disc beside it, over a dark background with
-per-frame noise. The class is how the blob moves: left, right, up, down, growing, shrinking, rotating clockwise or
-counter-clockwise. Shape, colours, size, start position, speed and the satellite's side are random, drawn alike for
-every class, so a single frame says next to nothing about the class. The blob is bright on dark because a small
-model learns motion from a few hundred steps only when the moving edge is the strongest signal in the clip (with
-mid-grey colours of either brightness, mvit_tiny and a small 3D CNN stayed at chance for 300 steps). The satellite
-turns with the blob: without it, a rotation moved only the outline's bumps, a pixel or less per sampled frame at
-64², and one seed in five confused clockwise with counter-clockwise (BENCHMARKS.md, issue 12). Videos are H.264 mp4
-files; output is bit-identical for a seed on a given machine (single-threaded x264 without SIMD, per-video seeded
-RNGs). `DEMO_VERSION`, written to `demo.json` with the settings, tells a folder made by another version apart.
+Each video shows one bright, lopsided blob over a dark background with per-frame noise. The class is how the blob
+moves: left, right, up, down, up-right, down-left, growing or shrinking. Shape, colours, size, start position,
+orientation and speed are random, drawn alike for every class, so a single frame says next to nothing about the
+class; each class has its reverse (right/left, up-right/down-left, growing/shrinking), so the order of the frames
+matters too. The blob is bright on dark because a small model learns motion from a few hundred steps only when the
+moving edge is the strongest signal in the clip (with mid-grey colours of either brightness, mvit_tiny and a small
+3D CNN stayed at chance for 300 steps). Version 2 had clockwise and counter-clockwise rotation instead of the two
+diagonals: in 10 five-seed runs every miss of a best epoch was that pair, whose direction only a small feature
+showed at 64² (BENCHMARKS.md, issue 12). Videos are H.264 mp4 files; output is bit-identical for a seed on a given
+machine (single-threaded x264 without SIMD, per-video seeded RNGs). `DEMO_VERSION`, written to `demo.json` with the
+settings, tells a folder made by another version apart.
 """
 
 from __future__ import annotations
@@ -32,16 +33,22 @@ MOTIONS = (
     "moving right",
     "moving up",
     "moving down",
+    "moving up-right",
+    "moving down-left",
     "growing",
     "shrinking",
-    "rotating clockwise",
-    "rotating counter-clockwise",
 )
-OUTLINE_REACH = 1.5  # the blob's outline is at most this many radii from its centre
-SATELLITE_DISTANCE = 1.6  # the satellite's centre, in radii from the blob's: apart from the outline
-SATELLITE_RADIUS = 0.3  # in radii
-REACH = SATELLITE_DISTANCE + SATELLITE_RADIUS  # everything drawn is within this many radii of the centre
-DEMO_VERSION = 2  # 2: the satellite
+# The direction of each move in image axes (x right, y down).
+DIRECTIONS = {
+    "moving left": (-1, 0),
+    "moving right": (1, 0),
+    "moving up": (0, -1),
+    "moving down": (0, 1),
+    "moving up-right": (1, -1),
+    "moving down-left": (-1, 1),
+}
+REACH = 1.5  # the blob's outline is at most this many radii from its centre
+DEMO_VERSION = 3  # 2: a satellite disc, and rotations instead of the diagonals; 3: the diagonals
 SETTINGS_FILE = "demo.json"
 # One thread and no assembly: with its SIMD routines on, this x264 build gave 2 to 4 different bitstreams for the
 # same frames over 10 encodes (80×80; 32- and 64-pixel-wide frames happened to be stable). Plain C costs ~30 s here.
@@ -120,19 +127,23 @@ def make_demo_dataset(
 
 @dataclass(frozen=True)
 class MotionPath:
-    """Where the blob is in each frame: centre (T, 2) as (x, y) pixels, radius (T,), angle (T,) in radians."""
+    """Where the blob is in each frame: centre (T, 2) as (x, y) pixels, radius (T,), and its orientation in
+    radians (fixed: no class turns)."""
 
     centre: np.ndarray
     radius: np.ndarray
-    angle: np.ndarray
+    angle: float
 
 
 def motion_path(motion: str, rng: np.random.Generator, size: int, num_frames: int) -> MotionPath:
     """A random path of the given motion that keeps the whole blob in frame.
 
-    Every class draws its position, radius (0.07 to 0.16 of the frame) and angle from the same ranges, so one frame
-    says next to nothing about the class; only the change between frames does.
+    Every class draws its position, radius (0.08 to 0.14 of the frame, 0.05 to 0.17 while it grows or shrinks) and
+    orientation from the same ranges, so one frame says next to nothing about the class; only the change between
+    frames does. A move covers 75-100% of the free span along each axis it moves on.
     """
+    if motion not in DIRECTIONS and motion not in ("growing", "shrinking"):
+        raise ValueError(f"unknown motion {motion!r}")
     progress = np.linspace(0.0, 1.0, num_frames)
     radius = np.full(num_frames, rng.uniform(0.08, 0.14) * size)
     if motion in ("growing", "shrinking"):
@@ -140,41 +151,31 @@ def motion_path(motion: str, rng: np.random.Generator, size: int, num_frames: in
         radius = small + (large - small) * (progress if motion == "growing" else 1 - progress)
     margin = REACH * radius.max() + 1
     centre = np.tile(rng.uniform(margin, size - margin, 2), (num_frames, 1))
-    angle = np.full(num_frames, rng.uniform(0, 2 * np.pi))
-    if motion.startswith("moving"):
-        axis, sign = {"left": (0, -1), "right": (0, 1), "up": (1, -1), "down": (1, 1)}[motion.split()[1]]
-        travel = rng.uniform(0.75, 1.0) * (size - 2 * margin)  # most of the free span
-        start = rng.uniform(margin, size - margin - travel)
-        centre[:, axis] = start + travel * (progress if sign > 0 else 1 - progress)
-    elif motion.startswith("rotating"):
-        turn = rng.uniform(1.2, 2.0) * np.pi * (1 if motion == "rotating clockwise" else -1)  # y points down
-        angle = angle + turn * progress
-    elif motion not in ("growing", "shrinking"):
-        raise ValueError(f"unknown motion {motion!r}")
+    angle = rng.uniform(0, 2 * np.pi)
+    if motion in DIRECTIONS:
+        travel = rng.uniform(0.75, 1.0) * (size - 2 * margin)  # the same on both axes: a diagonal is at 45°
+        for axis, sign in enumerate(DIRECTIONS[motion]):
+            if sign:
+                start = rng.uniform(margin, size - margin - travel)
+                centre[:, axis] = start + travel * (progress if sign > 0 else 1 - progress)
     return MotionPath(centre, radius, angle)
 
 
 def _render(motion: str, rng: np.random.Generator, size: int, num_frames: int) -> np.ndarray:
-    """(T, size, size, 3) uint8 frames of one irregular blob and its satellite following a random path of `motion`."""
+    """(T, size, size, 3) uint8 frames of one irregular blob following a random path of `motion`."""
     background = rng.uniform(0, 60, 3).astype(np.float32)  # dark, flat
     colour = rng.uniform(170, 255, 3).astype(np.float32)  # bright
-    harmonics = [(k, rng.uniform(0.1, (OUTLINE_REACH - 1) / 3), rng.uniform(0, 2 * np.pi)) for k in (1, 2, 3)]
+    harmonics = [(k, rng.uniform(0.1, (REACH - 1) / 3), rng.uniform(0, 2 * np.pi)) for k in (1, 2, 3)]
     path = motion_path(motion, rng, size, num_frames)
-    side = rng.uniform(0, 2 * np.pi)
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
     dx = xs - path.centre[:, 0, None, None].astype(np.float32)  # (T, size, size)
     dy = ys - path.centre[:, 1, None, None].astype(np.float32)
-    theta = np.arctan2(dy, dx) - path.angle[:, None, None].astype(np.float32)
+    theta = np.arctan2(dy, dx) - np.float32(path.angle)
     outline = 1 + sum(amplitude * np.cos(k * theta + phase) for k, amplitude, phase in harmonics)
     radius = path.radius[:, None, None].astype(np.float32)
-    alpha = np.clip(radius * outline - np.hypot(dx, dy) + 0.5, 0, 1)
-    turned = (path.angle + side)[:, None, None].astype(np.float32)
-    satellite_x = dx - SATELLITE_DISTANCE * radius * np.cos(turned)
-    satellite_y = dy - SATELLITE_DISTANCE * radius * np.sin(turned)
-    satellite = np.clip(SATELLITE_RADIUS * radius - np.hypot(satellite_x, satellite_y) + 0.5, 0, 1)
-    alpha = np.maximum(alpha, satellite)[..., None]
+    alpha = np.clip(radius * outline - np.hypot(dx, dy) + 0.5, 0, 1)[..., None]
     noise = rng.standard_normal((num_frames, size, size, 3), dtype=np.float32) * 6
-    frames = background * (1 - alpha) + colour.astype(np.float32) * alpha + noise
+    frames = background * (1 - alpha) + colour * alpha + noise
     return np.clip(frames, 0, 255).astype(np.uint8)
 
 

@@ -89,7 +89,9 @@ class IndexSource(Datasource):
 
     def __init__(self, index: pa.Table, videos_per_task: int, order: EpochOrder | None) -> None:
         super().__init__()
-        self._index = ray.put(index)
+        # One chunk a column: every part taken from a table of many small chunks (a concatenation of per-file
+        # tables) would otherwise cost time and memory in proportion to the chunks, not to its rows.
+        self._index = ray.put(index.combine_chunks())
         self._num_rows, self._nbytes = index.num_rows, index.nbytes
         self._videos_per_task = videos_per_task
         self._order = order
