@@ -21,17 +21,22 @@ from ray.cluster_utils import Cluster
 
 from pipeline.data import dataset
 from pipeline.data.sampling import ClipSpec
-from pipeline.data.skips import skip_counter
+from pipeline.data.skips import SkipCounters, skip_counter
 from tests.clips import decode_tasks, train_transform
 
 NODE_MEMORY = {"object_store_memory": 100 * 1024**2}
 DECODE_NODE = {"num_cpus": 2, "resources": {"decode": 2}, **NODE_MEMORY}
 
 
-def lose_node_while_decoding(cluster: Cluster, node: ray._private.node.Node, counter: ray.actor.ActorHandle) -> int:
+def lose_node_while_decoding(cluster: Cluster, node: ray._private.node.Node, counter: SkipCounters) -> int:
     """Remove `node` as soon as the skip counter shows a decode task under way (all run there), then replace it
     (from the main thread: starting a node installs signal handlers). Returns how many decodes were under way."""
-    while not (in_progress := ray.get(counter.__ray_call__.remote(lambda counter: dict(counter._running)))):
+
+    def under_way() -> dict:
+        parts = ray.get([shard.__ray_call__.remote(lambda shard: dict(shard._running)) for shard in counter.shards])
+        return {task: noted for part in parts for task, noted in part.items()}
+
+    while not (in_progress := under_way()):
         time.sleep(0.002)
     cluster.remove_node(node, allow_graceful=False)
     cluster.add_node(**DECODE_NODE)
@@ -59,7 +64,7 @@ def main(index: str, out: str) -> None:
             "labels": labels,
             "decodes_under_way_at_loss": under_way,
             "seconds": time.monotonic() - started,
-            "skipped": ray.get(counter.reasons.remote()),
+            "skipped": counter.reasons(),
         }
         with open(out, "w") as handle:
             json.dump(facts, handle)

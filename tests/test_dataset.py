@@ -15,7 +15,7 @@ import ray
 from pipeline.data import dataset
 from pipeline.data.order import EpochOrder, IndexSource, set_epoch
 from pipeline.data.sampling import uniform_clips
-from pipeline.data.skips import SkipSnapshot, skip_counter
+from pipeline.data.skips import SLOTS_PER_SHARD, SkipSnapshot, skip_counter
 from pipeline.data.video import decode_frames, probe
 from tests.clips import SPEC, decode_tasks, eval_transform, train_transform
 from tests.videos import H264_BFRAMES_LONG_GOP, MPEG4_AVI, VP9_WEBM, corrupt_keyframes, index_of, write_indexed_video
@@ -43,9 +43,10 @@ def test_train_clips_are_uint8_rows_per_clip_and_failures_are_skipped_and_counte
     names = ["long_gop", "webm", "avi", "short", "broken_early", "vanishing"]
     index = index_of([videos[name] for name in names])
     videos["vanishing"].unlink()  # gone after indexing: found only when decoding
-    tasks = decode_tasks()
+    tasks = decode_tasks(videos_per_task=1)  # 6 tasks an epoch, spread over the counter's shards by task id
     transform = train_transform(short_side=(32, 40))
-    handle = skip_counter(tasks.skip_counter)
+    handle = skip_counter(tasks.skip_counter, decode_slots=4 * SLOTS_PER_SHARD)  # 4 shards, as a large cluster has
+    assert len(handle.shards) == 4
 
     epochs = []
     for epoch in range(2):
@@ -54,14 +55,16 @@ def test_train_clips_are_uint8_rows_per_clip_and_failures_are_skipped_and_counte
         )
         rows = clips.take_all()
         epochs.append(rows)
-        assert ray.get(handle.counts.remote(epoch)) == SkipSnapshot(skipped=2, clamped=2)  # short: 2 clips
+        assert handle.counts(epoch) == SkipSnapshot(skipped=2, clamped=2)  # short: 2 clips
         assert sorted(row["label"] for row in rows) == [0, 0, 1, 1, 2, 2, 3, 3]
         for row in rows:
             assert row["clip"].dtype == np.uint8 and row["clip"].shape == (8, 32, 32, 3)
-    reasons = ray.get(handle.reasons.remote())
+    reasons = handle.reasons()
     assert set(reasons) == {str(videos["broken_early"]), str(videos["vanishing"])}
     assert reasons[str(videos["vanishing"])] == "file not found"
-    assert ray.get(handle.totals.remote()).skipped == 4
+    assert handle.totals().skipped == 4
+    reported = ray.get([shard.__ray_call__.remote(lambda shard: len(shard._counts)) for shard in handle.shards])
+    assert sum(1 for epochs_seen in reported if epochs_seen) >= 2, reported  # 12 tasks all on one: p = 2e-7
     first, second = ([row["clip"] for row in sorted(rows, key=lambda row: row["label"])] for rows in epochs)
     assert not all(np.array_equal(a, b) for a, b in zip(first, second))  # new positions and crops each epoch
 

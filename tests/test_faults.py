@@ -130,9 +130,9 @@ def test_a_decoder_that_kills_its_process_costs_one_video_not_the_epoch(ray_sess
     assert len(killer.killed) == DEATHS_BEFORE_SKIP + 1
     assert first == others, "every other video exactly once"
     assert second == list(range(len(paths)))
-    reasons = ray.get(counter.reasons.remote())
+    reasons = counter.reasons()
     assert list(reasons) == [str(crashing)] and "decoding process died" in reasons[str(crashing)]
-    assert ray.get(counter.totals.remote()).skipped == 1
+    assert counter.totals().skipped == 1
     summary(
         "decoder-crash",
         injected=len(killer.killed),
@@ -149,9 +149,12 @@ def test_losing_the_skip_counter_mid_epoch_costs_only_its_counts(ray_session, tm
     paths = [write_indexed_video(tmp_path / f"v{number}.mp4", VideoSpec(num_frames=40)) for number in range(8)]
     counter_name = f"faults-{uuid.uuid4().hex}"
     tasks = decode_tasks(videos_per_task=1, concurrency=1, skip_counter=counter_name)
-    counter = skip_counter(counter_name)
-    pid = ray.get(counter.__ray_call__.remote(lambda _: os.getpid()))
-    kills = [lambda: os.kill(pid, signal.SIGKILL), lambda: ray.kill(counter, no_restart=True)]
+    shards = skip_counter(counter_name).shards
+    pids = ray.get([shard.__ray_call__.remote(lambda _: os.getpid()) for shard in shards])
+    kills = [
+        lambda: [os.kill(pid, signal.SIGKILL) for pid in pids],
+        lambda: [ray.kill(shard, no_restart=True) for shard in shards],
+    ]
 
     delivered = []
     for epoch, kill in enumerate(kills):

@@ -6,7 +6,7 @@ shards, as Ray Train splits "train"), and the first `--clips` clips are streamed
 time, time to the first batch, clips/s, the peak RSS of this driver (and its RSS before, what imports and Ray cost)
 and of Ray Data's split coordinator (where an epoch's order is drawn), and the object store's bytes and objects.
 Also the index's own size per video (10 s and 1 h videos, constant and variable frame rate), and how many calls per
-second the skip-counter actor serves.
+second one skip-counter actor (a shard of a pipeline's counter) serves.
 """
 
 from __future__ import annotations
@@ -196,14 +196,15 @@ def _object_store() -> dict[str, float]:
 
 
 def actor_load(pattern: str, args: argparse.Namespace) -> dict:
-    """`--actor-callers` tasks calling one skip counter for `--actor-seconds`, as decode tasks of 16 videos do:
+    """`--actor-callers` tasks calling one skip-counter shard for `--actor-seconds`, as decode tasks of 16 videos do:
     "per task" is this design (start and report: 2 calls per task), "per video" the earlier one (start, a note
     before each of the 16 videos, report: 18 calls)."""
     import ray
 
-    from pipeline.data.skips import skip_counter
+    from pipeline.data.skips import SLOTS_PER_SHARD, skip_counter
 
-    counter = skip_counter(f"scale-actor-{uuid.uuid4().hex[:8]}")
+    counters = skip_counter(f"scale-actor-{uuid.uuid4().hex[:8]}")
+    counter = counters.shards[0]  # one shard (the only one: 1 decode slot)
     notes = 16 if pattern == "per video" else 0
 
     @ray.remote(num_cpus=0)
@@ -239,4 +240,5 @@ def actor_load(pattern: str, args: argparse.Namespace) -> dict:
         "videos_per_s_served": round(calls_per_s * 16 / (2 + notes)),
         "actor_cpu_ms_per_call": round(cpu_ms_per_call, 3),
         "calls_per_s_one_core": round(1000 / cpu_ms_per_call) if cpu_ms_per_call else None,  # alone on a core
+        "slots_per_shard": SLOTS_PER_SHARD,  # a counter has a shard per this many concurrent decode tasks
     }

@@ -26,7 +26,7 @@ import ray
 from pipeline.data.index import info_from_row, info_to_row, read_usable
 from pipeline.data.order import EpochOrder, IndexSource, clip_rng, epoch_permutation
 from pipeline.data.sampling import ClipSpec, SampledClip, random_clip, segment_frames, uniform_clips
-from pipeline.data.skips import DEFAULT_COUNTER, CrashGuard, skip_counter
+from pipeline.data.skips import DEFAULT_COUNTER, CrashGuard, SkipCounters, decode_slots, skip_counter
 from pipeline.data.transforms import Box, EvalTransform, TrainTransform, crop, resize
 from pipeline.data.video import FrameCrop, VideoDecodeError, VideoInfo, decode_clips
 from pipeline.errors import DataError
@@ -138,7 +138,8 @@ def _videos(index: str | os.PathLike | pa.Table, tasks: DecodeTasks, order: Epoc
 
 
 def _map(videos: ray.data.Dataset, views: _TrainViews | _EvalViews, tasks: DecodeTasks, seed: int) -> ray.data.Dataset:
-    maker = _ClipMaker(views, skip_counter(tasks.skip_counter), threads=max(1, int(tasks.cpus)), seed=seed)
+    counter = skip_counter(tasks.skip_counter, decode_slots(tasks.concurrency, tasks.cpus))
+    maker = _ClipMaker(views, counter, threads=max(1, int(tasks.cpus)), seed=seed)
     return videos.map_batches(maker, batch_size=None, batch_format="pyarrow", **_remote_args(tasks))
 
 
@@ -220,7 +221,7 @@ class _ClipMaker:
     """The map_batches UDF: index rows in, one output batch of views per decodable video."""
 
     views: _TrainViews | _EvalViews
-    counter: ray.actor.ActorHandle | None  # None: used outside Ray Data (`clips_in_a_loop`)
+    counter: SkipCounters | None  # None: used outside Ray Data (`clips_in_a_loop`)
     threads: int
     seed: int
 

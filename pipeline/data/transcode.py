@@ -31,7 +31,7 @@ import ray
 
 from pipeline.data.manifest import ManifestError, label_map_path, read_label_map, read_manifest, write_label_map
 from pipeline.data.manifest import write_manifest as _write_manifest_file
-from pipeline.data.skips import CrashGuard, skip_counter
+from pipeline.data.skips import CrashGuard, SkipCounters, decode_slots, skip_counter
 from pipeline.data.video import VideoDecodeError, VideoInfo, probe
 from pipeline.errors import ConfigError, DataError
 
@@ -300,7 +300,7 @@ def _run_on_ray(
     """Each source's outcome ("encoded", "reused" or "failed"), reason, bytes in and bytes out."""
     plan = pa.table({"source": list(targets), "target": [str(target) for target in targets.values()]})
     counter_name = f"transcode-{uuid.uuid4().hex[:12]}"
-    counter = skip_counter(counter_name)
+    counter = skip_counter(counter_name, decode_slots(concurrency, cpus))
     try:
         done = ray.data.from_arrow(plan, override_num_blocks=math.ceil(plan.num_rows / per_task)).map_batches(
             _Transcoder(settings, counter, threads=max(1, int(cpus))),
@@ -311,7 +311,7 @@ def _run_on_ray(
         )
         rows = pa.concat_tables(ray.get(done.to_arrow_refs())).to_pylist()
     finally:
-        ray.kill(counter)
+        counter.close()
     return {row["source"]: row for row in rows}
 
 
@@ -320,7 +320,7 @@ class _Transcoder:
     """The map_batches UDF: (source, target) rows in, one outcome row each out."""
 
     settings: EncodeSettings
-    counter: ray.actor.ActorHandle
+    counter: SkipCounters
     threads: int
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -134,7 +134,7 @@ def run_evaluation(cfg: EvaluationJobConfig, explicit: set[str], base: Path) -> 
         tasks=tasks,
     )
     result = score_views(views, usable.column("path").to_pylist(), reference, loaded, settings, cfg)
-    skipped = ray.get(skip_counter(tasks.skip_counter).reasons.remote())
+    skipped = skip_counter(tasks.skip_counter).reasons()
     run_id = log_evaluation(cfg, reference, loaded, result, excluded, skipped)
     return EvaluationReport(result, excluded, skipped, loaded, run_id)
 
