@@ -109,13 +109,16 @@ class SkipCounter:
 class SkipCounters:
     """The shard actors of one counter, named `name/0`, `name/1`, ...: a task's calls go to the shard of its id,
     and what is read back is summed (or merged) over the shards. The first shard knows how many there are, so
-    whoever asks for the counter by name later meets the same shards."""
+    whoever asks for the counter by name later meets the same shards.
 
-    def __init__(self, name: str, shards: int = 1) -> None:
-        self.name = name
-        first = _shard(name, 0, shards)
+    `create`: make missing shards (with `shards` of them if the first is new), else only find them (a ValueError
+    when one is gone)."""
+
+    def __init__(self, name: str, shards: int = 1, *, create: bool = True) -> None:
+        shard = _shard if create else _existing_shard
+        first = shard(name, 0, shards)
         count = ray.get(first.shards.remote())
-        self.shards = [first] + [_shard(name, number, count) for number in range(1, count)]
+        self.shards = [first] + [shard(name, number, count) for number in range(1, count)]
 
     def for_task(self, task: str) -> ray.actor.ActorHandle:
         """The shard every attempt of `task` talks to (a stable hash: Python's `hash` differs between processes)."""
@@ -141,6 +144,10 @@ def _shard(name: str, number: int, shards: int) -> ray.actor.ActorHandle:
     return SkipCounter.options(name=f"{name}/{number}", namespace=NAMESPACE, get_if_exists=True).remote(shards)
 
 
+def _existing_shard(name: str, number: int, shards: int) -> ray.actor.ActorHandle:
+    return ray.get_actor(f"{name}/{number}", namespace=NAMESPACE)
+
+
 def skip_counter(name: str = DEFAULT_COUNTER, decode_slots: int = 1) -> SkipCounters:
     """The counter called `name`, created on first use with a shard per `SLOTS_PER_SHARD` of `decode_slots` (the
     decode tasks that may run at once); an existing counter keeps its shards.
@@ -160,14 +167,7 @@ def decode_slots(concurrency: int | None, cpus_per_task: float) -> int:
 
 def epoch_counts(name: str, epoch: int) -> SkipSnapshot | None:
     """What the tasks of `epoch` skipped and clamped, or None when a shard can't be reached (its counts lost)."""
-
-    def summed() -> SkipSnapshot:
-        first = ray.get_actor(f"{name}/0", namespace=NAMESPACE)
-        count = ray.get(first.shards.remote())
-        shards = [first] + [ray.get_actor(f"{name}/{number}", namespace=NAMESPACE) for number in range(1, count)]
-        return sum(ray.get([shard.counts.remote(epoch) for shard in shards]), SkipSnapshot())
-
-    return _answer(summed, f"skip counter {name}")
+    return _answer(lambda: SkipCounters(name, create=False).counts(epoch), f"skip counter {name}")
 
 
 def _answer(call: Any, what: str) -> Any:
