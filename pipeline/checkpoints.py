@@ -133,11 +133,43 @@ def verify(directory: str | Path) -> dict[str, Any]:
     return manifest
 
 
+class UnreadableTorchFile(CheckpointError):
+    """A file that `torch.load(weights_only=True)` refuses; `reason` says why in one line, for callers that name it."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.reason = reason
+
+
+def _refusal(error: Exception, head: bytes) -> str:
+    """Why torch.load refused a file whose first bytes are `head`, in one line instead of torch's paragraph."""
+    if not head:
+        return "empty file"
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save writes a zip archive; legacy files are pickles
+        return f"not a PyTorch file (it begins {head!r})"
+    detail = str(error)
+    if "WeightsUnpickler error:" in detail:  # torch's one useful line comes after it, e.g. "Unsupported global: ..."
+        refused = detail.split("WeightsUnpickler error:", 1)[1].strip().split("\n")[0].split(". ")[0]
+        return f"holds more than tensors and plain containers, which weights-only loading refuses ({refused})"
+    return f"unreadable ({type(error).__name__}: {detail.split('. ')[0]})"
+
+
+def _torch_load(path: str, data: bytes | None, map_location: str | torch.device) -> Any:
+    """`torch.load` of tensors and plain containers from `data` (fetched) or the local file `path`; a refusal is an
+    UnreadableTorchFile."""
+    try:
+        return torch.load(io.BytesIO(data) if data is not None else path, map_location=map_location, weights_only=True)
+    except Exception as error:
+        if data is None:
+            with open(path, "rb") as file:
+                data = file.read(8)
+        raise UnreadableTorchFile(storage.redact(path), _refusal(error, data[:8])) from None
+
+
 def read_torch_file(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
     """`torch.load` of a local file or an object in storage (fetched whole), tensors and plain containers only."""
     path = os.fspath(path)
-    source = io.BytesIO(storage.read_bytes(path)) if storage.is_uri(path) else path
-    return torch.load(source, map_location=map_location, weights_only=True)
+    return _torch_load(path, storage.read_bytes(path) if storage.is_uri(path) else None, map_location)
 
 
 def load_state(directory: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -147,18 +179,17 @@ def load_state(directory: str | Path, map_location: str | torch.device = "cpu") 
     try:
         if storage.is_uri(path):
             expected = _manifest(directory)["files"][STATE_FILE]
-            data = storage.read_bytes(path)
+            data: bytes | None = storage.read_bytes(path)
             _check(directory, expected, len(data), hashlib.sha256(data).hexdigest())
-            source: Any = io.BytesIO(data)
         else:
             verify(directory)
-            source = path
+            data = None
     except storage.StorageError as error:
         raise CheckpointError(f"checkpoint {error}") from None
     try:
-        state = torch.load(source, map_location=map_location, weights_only=True)
-    except Exception as error:  # a foreign file: say which one, not a pickle traceback
-        raise CheckpointError(f"checkpoint {path}: unreadable ({type(error).__name__}: {error})") from None
+        state = _torch_load(str(path), data, map_location)
+    except UnreadableTorchFile as error:  # a foreign file: say which one and why, not a pickle traceback
+        raise CheckpointError(f"checkpoint {path}: {error.reason}") from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path}: not a format-{FORMAT_VERSION} training checkpoint")
     return state

@@ -3,6 +3,7 @@ corrupt checkpoint never loads, and a full disk leaves a checkpoint whole or abs
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 
@@ -21,6 +22,7 @@ from pipeline.checkpoints import (
     save_state,
     verify,
 )
+from pipeline.evaluation.loading import ModelReference, ModelSourceError, load_model
 from pipeline.training.persist import copy_whole
 from tests.conftest import REPO_ROOT
 
@@ -88,8 +90,34 @@ def test_pickled_code_is_refused(tmp_path):
     data = (tmp_path / STATE_FILE).read_bytes()
     manifest["files"][STATE_FILE] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     (tmp_path / MANIFEST_FILE).write_text(json.dumps(manifest))
-    with pytest.raises(CheckpointError, match="unreadable"):
+    with pytest.raises(CheckpointError, match="holds more than tensors .* refuses .*CheckpointError"):
         load_state(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"", "empty file"),
+        (b"path,label\nvideos/a.mp4,0\n", r"not a PyTorch file \(it begins b'path,lab'\)"),  # a manifest
+        (None, r"unreadable \(RuntimeError: PytorchStreamReader failed reading zip archive"),  # a torch.save cut short
+        ("pickled code", r"holds more than tensors and plain containers, .*\(Unsupported global: .*CheckpointError"),
+    ],
+)
+def test_a_file_that_is_not_a_weights_file_is_named_in_one_line(tmp_path, content, reason):
+    """`jobs.predict` / `jobs.evaluate model=FILE`: one line naming the file and why, not torch's paragraph."""
+    path = tmp_path / "model.pt"
+    if content is None:
+        torch.save({"weight": torch.zeros(64, 64)}, path)
+        path.write_bytes(path.read_bytes()[:1000])
+    elif content == "pickled code":
+        torch.save({"payload": CheckpointError("x")}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ModelSourceError) as raised:
+        load_model(ModelReference(str(path)))
+    message = str(raised.value)
+    assert "\n" not in message and message.startswith(f"model {path}: ")
+    assert re.fullmatch(reason + ".*", message.removeprefix(f"model {path}: "))
 
 
 def test_the_newest_complete_checkpoint_is_found_past_broken_ones(tmp_path):

@@ -306,12 +306,16 @@ def wait_for_checkpoint(run_dir: Path, step: int, process: subprocess.Popen, tim
 
 
 def train_worker_pids(driver_pid: int) -> list[int]:
-    """Ray Train worker processes under this driver (they descend from the raylet the driver started)."""
-    return sorted(
-        child.pid
-        for child in psutil.Process(driver_pid).children(recursive=True)
-        if " ".join(child.cmdline()).startswith("ray::RayTrainWorker")
-    )
+    """Ray Train worker processes under this driver (they descend from the raylet the driver started); one that
+    exits while they are listed is not one."""
+    found = []
+    for child in psutil.Process(driver_pid).children(recursive=True):
+        try:
+            if " ".join(child.cmdline()).startswith("ray::RayTrainWorker"):
+                found.append(child.pid)
+        except psutil.NoSuchProcess:  # ZombieProcess too
+            continue
+    return sorted(found)
 
 
 def processes_of(ray_tmp: Path) -> list[psutil.Process]:

@@ -63,6 +63,8 @@ def _build(path: str, reference: ModelReference, source: str) -> mvit.MViT:
     name = reference.reference
     try:
         checkpoint = checkpoints.read_torch_file(path)
+    except checkpoints.UnreadableTorchFile as error:
+        raise ModelSourceError(f"model {name}: {error.reason}") from None
     except Exception as error:
         raise ModelSourceError(f"model {name}: {str(error).splitlines()[0]}") from None
     num_classes = _checkpoint_head(checkpoint, source, reference.model_name, name)
@@ -148,6 +150,8 @@ def load_model(reference: ModelReference) -> LoadedModel:
         path = str(newest) if newest else path
     try:
         state = checkpoints.load_state(path) if is_dir else checkpoints.read_torch_file(path)
+    except checkpoints.UnreadableTorchFile as error:  # the file named: only why
+        raise ModelSourceError(f"model {storage.redact(reference.reference)}: {error.reason}") from None
     except Exception as error:
         raise ModelSourceError(f"model {storage.redact(reference.reference)}: {str(error).splitlines()[0]}") from None
     if isinstance(state, dict) and "model_name" in state:
