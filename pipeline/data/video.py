@@ -24,6 +24,7 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
+from pipeline.data.allocator import keep_freed_memory
 from pipeline.data.video_source import VideoSource, open_source
 from pipeline.errors import DataError
 from pipeline.storage import StorageError, is_uri
@@ -133,9 +134,11 @@ def decode_clips(
     """Several clips of one video from one decode: for each (indices, crop), the frames at `indices` as uint8 RGB,
     whole (N, H, W, 3) when crop is None, else the crop's box at its size (N, h, w, 3), scaled in the conversion.
 
-    `source`: where to read the bytes (default: the one `video_source.open_source` picks; benchmarks compare)."""
+    `source`: where to read the bytes (default: the one `video_source.open_source` picks; benchmarks compare).
+    The first call makes this process keep freed frame memory for the next clip (`allocator.keep_freed_memory`)."""
     path = str(path)
     _check_indices(path, clips, info)
+    keep_freed_memory()
     if source is not None:
         return _decode_clips(source, clips, info, threads=threads)
     with _source(path, probing=False) as opened:
