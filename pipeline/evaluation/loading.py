@@ -45,13 +45,21 @@ class LoadedModel:
     data: dict[str, Any] = field(default_factory=dict)  # the training config's data section, when known
 
 
+def _why(error: Exception) -> str:
+    """What a loading error says after "model NAME: ", in one line: a refused file's reason (the model's name
+    already names the file), else the error's first line."""
+    if isinstance(error, checkpoints.UnreadableTorchFile):
+        return error.reason
+    return str(error).splitlines()[0]
+
+
 def _checkpoint_head(checkpoint: Any, source: str, model_name: str, name: str) -> int:
     """The number of classes of a checkpoint's head: the network is built with the checkpoint's own head, never a
     guessed one that loading would silently re-initialise."""
     try:
         state = mvit.convert_state_dict(checkpoint, source, mvit.create_model(model_name))
     except ValueError as error:
-        raise ModelSourceError(f"model {name}: {str(error).splitlines()[0]}") from None
+        raise ModelSourceError(f"model {name}: {_why(error)}") from None
     head = state.get("head.weight")
     if head is None:
         raise ModelSourceError(f"model {name}: the checkpoint has no classifier head (head.weight)")
@@ -63,10 +71,8 @@ def _build(path: str, reference: ModelReference, source: str) -> mvit.MViT:
     name = reference.reference
     try:
         checkpoint = checkpoints.read_torch_file(path)
-    except checkpoints.UnreadableTorchFile as error:
-        raise ModelSourceError(f"model {name}: {error.reason}") from None
     except Exception as error:
-        raise ModelSourceError(f"model {name}: {str(error).splitlines()[0]}") from None
+        raise ModelSourceError(f"model {name}: {_why(error)}") from None
     num_classes = _checkpoint_head(checkpoint, source, reference.model_name, name)
     if reference.labels and len(reference.labels) != num_classes:
         raise ModelSourceError(
@@ -76,7 +82,7 @@ def _build(path: str, reference: ModelReference, source: str) -> mvit.MViT:
         model = mvit.create_model(reference.model_name, num_classes=num_classes)
         return mvit.load_weights(model, checkpoint, source)
     except ValueError as error:
-        raise ModelSourceError(f"model {name}: {str(error).splitlines()[0]}") from None
+        raise ModelSourceError(f"model {name}: {_why(error)}") from None
 
 
 def _labels_or_numbers(labels: Sequence[str] | None, num_classes: int) -> list[str]:
@@ -150,10 +156,8 @@ def load_model(reference: ModelReference) -> LoadedModel:
         path = str(newest) if newest else path
     try:
         state = checkpoints.load_state(path) if is_dir else checkpoints.read_torch_file(path)
-    except checkpoints.UnreadableTorchFile as error:  # the file named: only why
-        raise ModelSourceError(f"model {storage.redact(reference.reference)}: {error.reason}") from None
     except Exception as error:
-        raise ModelSourceError(f"model {storage.redact(reference.reference)}: {str(error).splitlines()[0]}") from None
+        raise ModelSourceError(f"model {storage.redact(reference.reference)}: {_why(error)}") from None
     if isinstance(state, dict) and "model_name" in state:
         return _from_training_state(state, reference.reference, reference.labels)
     return _from_weights(path, reference, "native")
