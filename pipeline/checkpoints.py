@@ -161,8 +161,11 @@ def _torch_load(path: str, data: bytes | None, map_location: str | torch.device)
         return torch.load(io.BytesIO(data) if data is not None else path, map_location=map_location, weights_only=True)
     except Exception as error:
         if data is None:
-            with open(path, "rb") as file:
-                data = file.read(8)
+            try:
+                with open(path, "rb") as file:
+                    data = file.read(8)
+            except OSError as unreadable:  # gone (e.g. a checkpoint rotated out since it verified) or not readable
+                raise UnreadableTorchFile(storage.redact(path), unreadable.strerror or str(unreadable)) from None
         raise UnreadableTorchFile(storage.redact(path), _refusal(error, data[:8])) from None
 
 

@@ -145,6 +145,31 @@ def run_overrides() -> Callable[..., list[str]]:
     return _training_overrides
 
 
+REGISTERED_MODEL = "mvit-test"
+
+
+@pytest.fixture(scope="session")
+def tracked_run(ray_session, tmp_path_factory, demo, run_overrides):
+    """One 3-epoch run of 2 DDP workers on the demo that logs and registers its models: `(outcome, root)`.
+
+    Shared because a Ray Train run costs about a minute here: `test_train` checks what the run recorded,
+    `test_logged_models` what its models are; neither changes what it wrote."""
+    from pipeline.config import load_config
+    from pipeline.training.driver import run_training
+
+    root = tmp_path_factory.mktemp("tracked")
+    overrides = run_overrides(
+        root,
+        demo.train_manifest,
+        demo.val_manifest,
+        "train.epochs=3",
+        "train.lr=4e-3",
+        "mlflow.log_models=true",
+        f"mlflow.registered_model_name={REGISTERED_MODEL}",
+    )
+    return run_training(load_config(overrides=overrides)), root
+
+
 @pytest.fixture()
 def mlflow_uri(tmp_path: Path) -> str:
     """A fresh sqlite MLflow store for one test."""

@@ -15,10 +15,12 @@ from pipeline.checkpoints import (
     MANIFEST_FILE,
     STATE_FILE,
     CheckpointError,
+    UnreadableTorchFile,
     checkpoint_folders,
     latest_checkpoint,
     load_state,
     newest_complete,
+    read_torch_file,
     save_state,
     verify,
 )
@@ -118,6 +120,16 @@ def test_a_file_that_is_not_a_weights_file_is_named_in_one_line(tmp_path, conten
     message = str(raised.value)
     assert "\n" not in message and message.startswith(f"model {path}: ")
     assert re.fullmatch(reason + ".*", message.removeprefix(f"model {path}: "))
+
+
+@pytest.mark.parametrize(("name", "reason"), [("gone.pt", "No such file or directory"), ("", "Is a directory")])
+def test_a_file_that_cannot_be_opened_is_named_with_the_os_reason(tmp_path, name, reason):
+    """Also what a reader of a checkpoint meets when rotation removes it between its verification and its load: a
+    one-line refusal naming the file, not the OSError of a second open."""
+    path = tmp_path / name
+    with pytest.raises(UnreadableTorchFile) as raised:
+        read_torch_file(path)
+    assert str(raised.value) == f"{path}: {reason}" and raised.value.reason == reason
 
 
 def test_the_newest_complete_checkpoint_is_found_past_broken_ones(tmp_path):

@@ -816,7 +816,8 @@ def test_resume_latest_passes_over_a_corrupt_newest_checkpoint_then_refuses_chan
 ):
     """The finished run, its newest checkpoint cut in half: `run.resume=latest` says which one it skipped and why,
     continues from the one before and finishes again (two steps and a validation). Then the same command says the
-    run is finished and trains nothing; a changed recipe and changed data are refused in one line each."""
+    run is finished and trains nothing; a changed recipe and changed data are refused in one line each, and so is a
+    command without `run.resume` (a new run under a name that has checkpoints is never a silent no-op)."""
     # In this process, whose Ray workers can't see a password variable set now: the server's URL without one
     # (mlflow.* may change on resume).
     overrides = [*driver_scenario.overrides, f"mlflow.tracking_uri={driver_scenario.tracking_uri}"]
@@ -840,6 +841,9 @@ def test_resume_latest_passes_over_a_corrupt_newest_checkpoint_then_refuses_chan
         run_training(load_config(overrides=[*overrides, "train.lr=1e-3", "train.epochs=9"]))
     with pytest.raises(DataError, match=r"the data of run 'faults' changed since .* \(data.val: other content\)"):
         run_training(load_config(overrides=[*overrides, f"data.val={demo.train}", "train.epochs=9"]))
+    refused = rf"run.name 'faults' already has \d+ checkpoint\(s\) in {re.escape(str(run_dir))}: continue it with "
+    with pytest.raises(ConfigError, match=refused):
+        run_training(load_config(overrides=[*overrides, "run.resume=''", "train.epochs=9"]))
     summary(
         "corrupt-newest-checkpoint-on-resume",
         injected=1,
@@ -848,6 +852,7 @@ def test_resume_latest_passes_over_a_corrupt_newest_checkpoint_then_refuses_chan
         seconds=round(seconds),
     )
     summary("finished-run-rerun", injected=1, steps_trained=0, said_so=1)
+    summary("new-run-under-a-used-name", injected=1, refused_with_one_line_error=1)
 
 
 # ---- checkpoints and security -----------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Models logged by a real short training run load back through every URI the README shows, at any clip size, with
-their labels, clip settings and val metrics; the experiment and the registry present them as a training would."""
+"""Models logged by a real short training run (the session's `tracked_run`) load back through every URI the README
+shows, at any clip size, with their labels, clip settings and val metrics; the experiment and the registry present
+them as a training would."""
 
 from __future__ import annotations
 
@@ -13,30 +14,10 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from jobs import evaluate, predict
-from pipeline.config import load_config
 from pipeline.data.manifest import read_label_map, read_manifest
 from pipeline.tracking.evaluation import EVALUATES_TAG
 from pipeline.tracking.models import CARD_KEY, load_logged_model
-from pipeline.training.driver import run_training
-
-REGISTERED = "mvit-test"
-
-
-@pytest.fixture(scope="module")
-def trained(ray_session, tmp_path_factory, demo, run_overrides):
-    """One 2-epoch run that logs and registers its models; the tests below only read what it logged."""
-    root = tmp_path_factory.mktemp("logged")
-    overrides = run_overrides(
-        root,
-        demo.train_manifest,
-        demo.val_manifest,
-        "train.epochs=2",
-        "mlflow.log_models=true",
-        f"mlflow.registered_model_name={REGISTERED}",
-        f"data.index_cache={root / 'index_cache'}",
-    )
-    outcome = run_training(load_config(overrides=overrides))
-    return outcome, root
+from tests.conftest import REGISTERED_MODEL
 
 
 def _evaluate(model: str, root: Path, demo, *extra: str) -> int:
@@ -52,8 +33,8 @@ def _evaluate(model: str, root: Path, demo, *extra: str) -> int:
     )
 
 
-def test_the_run_presents_a_training_experiment_with_described_models(trained, demo):
-    outcome, root = trained
+def test_the_run_presents_a_training_experiment_with_described_models(tracked_run, demo):
+    outcome, root = tracked_run
     client = MlflowClient(outcome.tracking_uri)
     run = client.get_run(outcome.run_id)
     experiment = client.get_experiment(run.info.experiment_id)
@@ -62,7 +43,7 @@ def test_the_run_presents_a_training_experiment_with_described_models(trained, d
     assert experiment.artifact_location == (root / "mlruns").resolve().as_uri()
     best_epoch = {a.path for a in client.list_artifacts(outcome.run_id, "best_epoch")}
     assert {"best_epoch/per_class_accuracy.csv", "best_epoch/confusion_matrix.png"} <= best_epoch
-    version = client.get_model_version(REGISTERED, "1")
+    version = client.get_model_version(REGISTERED_MODEL, "1")
     assert "mvit_tiny" in version.description and "val/top1" in version.description
     models = {m.name: m for m in client.search_logged_models([run.info.experiment_id])}
     top1 = {m.key: m.value for m in models["best_model"].metrics}["val/top1"]
@@ -83,8 +64,8 @@ def test_the_run_presents_a_training_experiment_with_described_models(trained, d
     }
 
 
-def test_mlflow_users_load_it_with_mlflow_pytorch(trained):
-    outcome, _ = trained
+def test_mlflow_users_load_it_with_mlflow_pytorch(tracked_run):
+    outcome, _ = tracked_run
     mlflow.set_tracking_uri(outcome.tracking_uri)
     exported = mlflow.pytorch.load_model(f"runs:/{outcome.run_id}/best_model")
     ours = load_logged_model(f"runs:/{outcome.run_id}/best_model", outcome.tracking_uri, allow_pickle=False)
@@ -95,9 +76,9 @@ def test_mlflow_users_load_it_with_mlflow_pytorch(trained):
         assert ours.module(torch.randn(1, 3, 16, 96, 96)).shape == (1, 8)
 
 
-@pytest.mark.parametrize("uri", ["runs:/{run}/best_model", f"models:/{REGISTERED}/1"])
-def test_evaluate_takes_a_run_and_a_registry_uri(trained, demo, capsys, uri):
-    outcome, root = trained
+@pytest.mark.parametrize("uri", ["runs:/{run}/best_model", f"models:/{REGISTERED_MODEL}/1"])
+def test_evaluate_takes_a_run_and_a_registry_uri(tracked_run, demo, capsys, uri):
+    outcome, root = tracked_run
     assert _evaluate(uri.format(run=outcome.run_id), root, demo) == 0
     printed = capsys.readouterr().out
     assert f"videos evaluated: {read_manifest(demo.val_manifest).num_rows}" in printed
@@ -106,8 +87,8 @@ def test_evaluate_takes_a_run_and_a_registry_uri(trained, demo, capsys, uri):
     assert evaluation.data.tags[EVALUATES_TAG] == outcome.run_id
 
 
-def test_predict_takes_a_run_uri_at_another_clip_size(trained, demo, capsys):
-    outcome, _ = trained
+def test_predict_takes_a_run_uri_at_another_clip_size(tracked_run, demo, capsys):
+    outcome, _ = tracked_run
     video = read_manifest(demo.val_manifest).column("path")[0].as_py()
     arguments = [video, f"model=runs:/{outcome.run_id}/model", f"mlflow.tracking_uri={outcome.tracking_uri}"]
     assert (

@@ -3,11 +3,13 @@ by `jobs.prepare index`, and the index cache of `jobs.train`), checkpoints (`run
 artifacts. The training is killed with its Ray once a checkpoint is in the bucket, and the same command resumes it
 from there; `jobs.evaluate` finds the newest checkpoint by searching the bucket. A video that vanishes after it was
 indexed is skipped and counted, and the epoch goes on. The commands run in subprocesses whose Ray workers inherit
-the server's endpoint and credentials from the environment, as on a cluster."""
+the server's endpoint and credentials from the environment, as on a cluster. The model is mvit_v2_tiny, so that the
+MViTv2 family also trains, resumes and exports end to end (the other training tests run mvit_tiny)."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -118,6 +120,7 @@ def chain(s3, tmp_path: Path, run_overrides, data: str, runs: str, tracking_uri:
     bucket; a video removed; the same command with `run.resume=latest`; `jobs.evaluate` by checkpoint search."""
     bucket = runs.rsplit("/", 1)[0]
     tiny = [
+        "model.name=mvit_v2_tiny",
         "scaling.num_workers=1",  # an epoch: 2 steps, or 1 (a partial batch) once a video is gone
         "train.batch_size=2",
         "train.epochs=4",
@@ -168,16 +171,22 @@ def chain(s3, tmp_path: Path, run_overrides, data: str, runs: str, tracking_uri:
 
 
 def only_training_run(tracking_uri: str, experiment_id: str):
-    """The one training run (the killed command's, continued by the resumed one), finished, every epoch logged,
-    the vanished video counted, no credential in its params."""
+    """The one training run (the killed command's, continued by the resumed one), finished, of mvit_v2_tiny, every
+    epoch logged with finite losses and a validation, the vanished video counted, no credential in its params."""
     client = MlflowClient(tracking_uri)
     found = client.search_runs([experiment_id])
     training = [run for run in found if "train.epochs" in run.data.params]
     assert len(training) == 1, [run.info.run_id for run in found]
     run = training[0]
-    assert run.info.status == "FINISHED"
-    epochs = sorted(metric.value for metric in client.get_metric_history(run.info.run_id, "train/epoch"))
-    assert epochs == [1.0, 2.0, 3.0, 4.0], epochs
+    assert run.info.status == "FINISHED" and run.data.params["model.name"] == "mvit_v2_tiny"
+    epochs = client.get_metric_history(run.info.run_id, "train/epoch")
+    assert sorted(metric.value for metric in epochs) == [1.0, 2.0, 3.0, 4.0], epochs
+    losses = [metric.value for metric in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert losses and all(math.isfinite(loss) for loss in losses), losses
+    # A validation at each epoch's end (the logged models repeat their epoch's figures in the run's history).
+    top1 = client.get_metric_history(run.info.run_id, "val/top1")
+    assert {metric.step for metric in top1} == {metric.step for metric in epochs}, top1
+    assert all(0.0 <= metric.value <= 1.0 for metric in top1), top1
     skipped = [metric.value for metric in client.get_metric_history(run.info.run_id, "data/skipped_videos")]
     assert max(skipped) >= 1, skipped
     assert all("testing-secret-key" not in json.dumps(other.data.params) for other in found)

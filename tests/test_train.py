@@ -5,39 +5,25 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow as pa
-import pytest
 import ray.train
 from mlflow.tracking import MlflowClient
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from pipeline.checkpoints import load_state
-from pipeline.config import load_config
 from pipeline.data import dataset, index
 from pipeline.data.manifest import write_manifest
 from pipeline.data.sampling import ClipSpec
-from pipeline.errors import ConfigError
-from pipeline.training.driver import ValidationSplit, run_training
+from pipeline.training.driver import ValidationSplit
 from tests.clips import decode_tasks, eval_transform, train_transform
-
-
-@pytest.fixture()
-def small_run(tmp_path: Path, demo, run_overrides):
-    """The config of a small run on the shared demo, writing under this test's folder."""
-
-    def config(*overrides: str):
-        return load_config(overrides=run_overrides(tmp_path, demo.train_manifest, demo.val_manifest, *overrides))
-
-    return config
 
 
 def metric_history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
-def test_two_workers_train_and_track(ray_session, small_run):
-    cfg = small_run("train.epochs=3", "train.lr=4e-3", "mlflow.log_models=true")
-    outcome = run_training(cfg)
+def test_two_workers_train_and_track(tracked_run):
+    """What the session's tracked run (3 epochs, 2 DDP workers, `tests/conftest.py`) recorded in MLflow."""
+    outcome, _ = tracked_run
     client = MlflowClient(outcome.tracking_uri)
     run = client.get_run(outcome.run_id)
     assert run.info.status == "FINISHED"
@@ -66,27 +52,6 @@ def test_two_workers_train_and_track(ray_session, small_run):
     }
     logged = {m.name for m in client.search_logged_models([run.info.experiment_id])}
     assert {"model", "best_model"} <= logged
-
-
-def test_resume_continues_the_same_run(ray_session, small_run, capsys):
-    first = run_training(small_run("train.epochs=1", "mlflow.log_models=false"))
-    with pytest.raises(ConfigError, match="already has 1 checkpoint"):  # a new command is never a silent no-op
-        run_training(small_run("train.epochs=2", "mlflow.log_models=false"))
-    second = run_training(small_run("train.epochs=2", "mlflow.log_models=false", "run.resume=latest"))
-    assert second.run_id == first.run_id
-    client = MlflowClient(first.tracking_uri)
-    assert [value for _, value in metric_history(client, first.run_id, "train/epoch")] == [1.0, 2.0]
-    steps = [step for step, _ in metric_history(client, first.run_id, "train/loss")]
-    assert steps == sorted(set(steps)) and steps[0] == 1
-    assert second.metrics["epoch"] == 2
-    state = load_state(second.result.checkpoint.path)
-    assert state["loop"]["epoch"] == 2 and state["mlflow_run_id"] == first.run_id
-    runs = client.search_runs([client.get_experiment_by_name("mvit").experiment_id])
-    assert len(runs) == 1
-    capsys.readouterr()
-    again = run_training(small_run("train.epochs=2", "mlflow.log_models=false", "run.resume=latest"))
-    assert again.result is None and again.run_id == first.run_id and again.metrics["epoch"] == 2
-    assert "run 'test' is already finished: epoch 2 of train.epochs=2" in capsys.readouterr().out
 
 
 def _collect_labels(config: dict) -> None:
