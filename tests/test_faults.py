@@ -702,7 +702,7 @@ def test_fp16_overflow_and_non_finite_steps_are_skipped_until_too_many(ray_sessi
     overrides = faults_overrides(run_overrides, tmp_path, demo, "train.max_bad_steps=2")
     cfg = typed(resolve_paths(load_config(overrides=overrides), tmp_path))
     run_id = tracking.get_or_create_run(cfg.mlflow.tracking_uri, "mvit", "numerics", "numerics")
-    built = build_trainer(cfg, "", plan_data(cfg), run_id)
+    built = build_trainer(cfg, plan_data(cfg), run_id)
     local = TorchTrainer(
         numeric_faults_in_one_process,
         train_loop_config=built.train_loop_config,

@@ -48,7 +48,7 @@ def test_fine_tuning_with_the_recipe_and_the_kit(ray_session, demo, tmp_path, ru
     )
     cfg = typed(resolve_paths(load_config(overrides=overrides), tmp_path))
     run_id = tracking.get_or_create_run(cfg.mlflow.tracking_uri, "mvit", "recipe", "recipe")
-    built = build_trainer(cfg, "", plan_data(cfg), run_id)
+    built = build_trainer(cfg, plan_data(cfg), run_id)
     targets, logged = [], {}
     loss = step_module.soft_target_cross_entropy
 

@@ -266,11 +266,8 @@ def make_job(
     )
 
 
-def build_trainer(
-    cfg: TrainingJobConfig, config_yaml: str, plan: DataPlan, run_id: str, job: TrainJob | None = None
-) -> RunTrainer:
-    """The TorchTrainer of `job` (default: a job made from `cfg` alone); `config_yaml` is kept for callers of the
-    older signature and ignored when `job` is given."""
+def build_trainer(cfg: TrainingJobConfig, plan: DataPlan, run_id: str, job: TrainJob | None = None) -> RunTrainer:
+    """The TorchTrainer of `job` (default: a job made from `cfg` alone)."""
     job = job or make_job(cfg, plan, run_id)
     datasets = build_datasets(cfg.data, plan, job.skip_counter, cfg.train.seed, job.epoch_clock)
     storage_path, storage_filesystem = storage.for_ray(cfg.run.storage_path)
@@ -360,7 +357,7 @@ def train(run: OpenRun) -> TrainingOutcome:
     resume = ResumePoint(str(plan.start) if plan.start else None, plan.preexisting)
     job = make_job(config, data_plan, run_id, run.raw, resume, identity)
     try:
-        result = fit(build_trainer(config, job.config_yaml, data_plan, run_id, job))
+        result = fit(build_trainer(config, data_plan, run_id, job))
     except Exception:
         try:
             tracking.end_run(tracking_uri, run_id, "FAILED")  # a rerun reopens it
