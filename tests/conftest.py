@@ -153,7 +153,7 @@ def tracked_run(ray_session, tmp_path_factory, demo, run_overrides):
     """One 3-epoch run of 2 DDP workers on the demo that logs and registers its models: `(outcome, root)`.
 
     Shared because a Ray Train run costs about a minute here: `test_train` checks what the run recorded,
-    `test_logged_models` what its models are; neither changes what it wrote."""
+    `test_logged_models` what its models are (its evaluations add runs beside it, never change it)."""
     from pipeline.config import load_config
     from pipeline.training.driver import run_training
 
