@@ -2,7 +2,8 @@
 Ray's start-up for each: `python tests/jobs_in_one_ray.py '[["prepare", [...]], ["train", [...]], ...]'`.
 
 Prints `exit JOB CODE SECONDS` after each; stops at the first that fails. `["remove", [URI]]` deletes a file or
-object between two commands (a video lost after it was indexed). A test starts it as a subprocess when the jobs need
+object between two commands (a video lost after it was indexed); `["wait", [URL]]` waits for a starting MLflow
+server to answer (so that its start-up overlaps this process's). A test starts it as a subprocess when the jobs need
 an environment of their own (its Ray workers inherit this process's environment, e.g. an S3 endpoint).
 """
 
@@ -16,12 +17,26 @@ import ray
 
 from jobs import evaluate, prepare, train
 from pipeline import storage
+from tests.mlflow_server import answers
+
+
+def wait_for_server(urls: list[str], timeout: float = 300) -> int:
+    """0 once each MLflow server answers its health check; raises after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    for url in urls:
+        while not answers(url):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"mlflow server {url} not up within {timeout} s")
+            time.sleep(0.5)
+    return 0
+
 
 JOBS = {
     "prepare": prepare.main,
     "train": train.main,
     "evaluate": evaluate.main,
     "remove": lambda uris: [storage.remove(uri) for uri in uris] and 0,
+    "wait": wait_for_server,
 }
 
 

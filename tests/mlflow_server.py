@@ -37,13 +37,19 @@ class TrackingServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.process.poll() is None, f"mlflow server exited: {(self.root / 'server.log').read_text()}"
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        return self.url
-            except OSError:
-                time.sleep(0.5)
+            if answers(self.url):
+                return self.url
+            time.sleep(0.5)
         raise TimeoutError(f"mlflow server not up within {timeout} s")
+
+
+def answers(url: str) -> bool:
+    """Whether the MLflow server at `url` is up: its health check answers 200."""
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
+            return answer.status == 200
+    except OSError:
+        return False
 
 
 def free_port() -> int:

@@ -81,11 +81,7 @@ def stop_own_ray(temp_dir: Path) -> list[int]:
     own = {pid: process for pid, process in own.items() if pid not in mine}
     for process in own.values():
         with contextlib.suppress(psutil.NoSuchProcess):
-            process.terminate()
-    _, alive = psutil.wait_procs(list(own.values()), timeout=10)
-    for process in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.kill()
+            process.kill()  # at once, as `ray stop --force` does: some wait out a SIGTERM's whole grace period
     return sorted(own)
 
 

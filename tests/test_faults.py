@@ -211,14 +211,9 @@ def test_a_decode_node_lost_mid_epoch_is_absorbed_by_retries(tmp_path):
 
 
 # ---- training runs ----------------------------------------------------------------------------------------------
-EPOCHS = 8
+EPOCHS = 3  # the worker is killed in the first, the driver in the second, and the rerun finishes the third
 STEPS_PER_EPOCH = 13  # 52 training videos x 2 clips // (batch 4 x 2 workers)
 CHECKPOINT_EVERY = 6  # steps: two checkpoints inside each epoch, and one at its end
-# The final val/top1, twice chance: the 4 translation classes of the demo are usually learnt fast (uninterrupted runs
-# of this recipe: 1.0 from epoch 4 or 5 on, 4 runs of 4), but where the restarts fall changes the run, and one CI run
-# stayed at chance for 4 epochs and ended at 0.67 with no step lost. The floor says the restarted run learnt; the
-# step counts say it lost nothing. With all 8 classes, 150 steps from scratch sometimes stay at chance.
-ACCURACY_FLOOR = 0.5
 
 
 @dataclass(frozen=True)
@@ -347,6 +342,11 @@ def leftovers_after(ray_tmp: Path, grace: float = 30) -> list[str]:
     return named
 
 
+def history(client: MlflowClient, run_id: str, key: str) -> list[float]:
+    """The values of metric `key`, in step order."""
+    return [metric.value for metric in sorted(client.get_metric_history(run_id, key), key=lambda metric: metric.step)]
+
+
 def step_faults(client: MlflowClient, run_id: str, key: str, last_step: int) -> tuple[int, int]:
     """(steps lost, steps logged more than once) in the history of `key`, against steps 1..last_step."""
     steps = [metric.step for metric in client.get_metric_history(run_id, key)]
@@ -365,7 +365,9 @@ class DriverScenario:
     recovered_to_step: int  # the checkpoint that proved training went on after the dead worker
     second: subprocess.CompletedProcess  # the same command started while the first ran
     second_seconds: float
-    resumed_from_step: int  # the last checkpoint when the driver died
+    torn_before_rerun: Path  # the newest whole checkpoint the dead driver left, cut in half before the rerun
+    resumed_from: Path  # the whole one before it, which the rerun must continue from (then rotated out)
+    resumed_from_step: int
     leftover_processes: list[str]  # of the dead driver's Ray, 30 s after its death
     first_run_id: str
     first_pid: int
@@ -448,10 +450,11 @@ def kill_worker_then_driver_then_rerun(
         recovered = wait_for_checkpoint(run_dir, 3 * CHECKPOINT_EVERY, first)
         restarted = len(set(workers) - set(train_worker_pids(first.pid)))
         time.sleep(1.0)
-        resumed_from = latest_checkpoint(run_dir)[1]["loop"]["step"]
         first.kill()  # SIGKILL to the driver alone: the Ray it started must go down with it
         first.wait()
     leftovers = leftovers_after(ray_tmp)
+    torn = corrupt(latest_checkpoint(run_dir)[0])
+    resumed_from, resumed_state = latest_checkpoint(run_dir)
     first_log = (root / "first.log").read_text()
     first_run_id = re.search(r"MLflow run (\w+) in experiment", first_log).group(1)
     with driver(overrides, ray_tmp, root / "rerun.log", env_extra) as rerun:
@@ -466,7 +469,9 @@ def kill_worker_then_driver_then_rerun(
         recovered,
         second,
         second_seconds,
+        torn,
         resumed_from,
+        resumed_state["loop"]["step"],
         leftovers,
         first_run_id,
         first.pid,
@@ -494,8 +499,9 @@ def driver_scenario(demo, tmp_path_factory, run_overrides, tracking_server) -> D
     """`python -m jobs.train ... run.resume=latest`, tracked on an MLflow server through a URI with a password from
     the environment. Corrupt the newest checkpoint and kill a training worker mid-epoch (the restart must pass over
     the corrupt one); start the same command a second time while the first runs (refused); once the run has
-    recovered and checkpointed again, kill the driver itself, mid-epoch; then run the same command again. Last, look
-    for the password in everything the runs wrote and printed."""
+    recovered and checkpointed again, kill the driver itself, mid-epoch; cut the newest checkpoint it left in half
+    (the rerun must pass over it too); then run the same command again. Last, look for the password in everything
+    the runs wrote and printed."""
     root = tmp_path_factory.mktemp("driver")
     overrides = faults_overrides(
         run_overrides,
@@ -535,8 +541,18 @@ def test_a_dead_training_worker_costs_no_step_and_the_run_finishes(driver_scenar
     assert (lost, duplicated) == (0, 0)
     epochs = [metric.value for metric in client.get_metric_history(scenario.first_run_id, "train/epoch")]
     assert sorted(epochs) == [float(epoch) for epoch in range(1, EPOCHS + 1)]
-    top1 = [m.value for m in sorted(client.get_metric_history(scenario.first_run_id, "val/top1"), key=lambda m: m.step)]
-    assert len(top1) == EPOCHS and top1[-1] >= ACCURACY_FLOOR, top1
+    top1 = history(client, scenario.first_run_id, "val/top1")
+    assert len(top1) == EPOCHS, top1
+    # No accuracy floor (where the restarts fall changes the run: one CI run stayed at chance for 4 epochs, losing no
+    # step); tests/test_train.py's uninterrupted run checks learning. The restarts' state does show: the learning
+    # rate, a function of the step alone, rises through the warm-up and then only falls (a restart that lost the
+    # schedule's state would jump back to the warm-up's start).
+    losses = history(client, scenario.first_run_id, "train/loss")
+    assert len(losses) == last_step and all(math.isfinite(loss) for loss in losses), losses
+    rates = history(client, scenario.first_run_id, "train/lr")
+    peak = rates.index(max(rates))
+    assert 0 < peak < len(rates) - 1 and len(rates) == last_step, rates
+    assert rates[: peak + 1] == sorted(rates[: peak + 1]) and rates[peak:] == sorted(rates[peak:], reverse=True), rates
     summary(
         "worker-kill",
         injected=1,
@@ -781,7 +797,8 @@ def test_non_finite_losses_stop_a_run_at_once_into_a_new_mlflow_run_when_the_sto
     assert len(workers) == 2, f"worker processes: {sorted(workers)} (2 per attempt)"
     after = {path: path.read_bytes() for path in run_dir.glob("checkpoint_*/state.pt")}
     assert after == before
-    for path in after:
+    # all but the one the scenario tore on purpose (if Ray Train has not rotated it out yet)
+    for path in (path for path in after if path.parent != driver_scenario.torn_before_rerun):
         state = load_state(path.parent)
         assert all(torch.isfinite(tensor).all() for tensor in state["model"].values())
     out = capsys.readouterr().out
@@ -814,43 +831,31 @@ def test_non_finite_losses_stop_a_run_at_once_into_a_new_mlflow_run_when_the_sto
 def test_resume_latest_passes_over_a_corrupt_newest_checkpoint_then_refuses_changes_and_reruns(
     ray_session, driver_scenario, demo, capsys
 ):
-    """The finished run, its newest checkpoint cut in half: `run.resume=latest` says which one it skipped and why,
-    continues from the one before and finishes again (two steps and a validation). Then the same command says the
-    run is finished and trains nothing; a changed recipe and changed data are refused in one line each, and so is a
-    command without `run.resume` (a new run under a name that has checkpoints is never a silent no-op)."""
+    """The dead driver's newest checkpoint, cut in half before the rerun: `run.resume=latest` said which one it
+    skipped and why, and continued from the one before. Then the same command says the finished run is finished and
+    trains nothing; a changed recipe and changed data are refused in one line each, and so is a command without
+    `run.resume` (a new run under a name that has checkpoints is never a silent no-op)."""
+    scenario = driver_scenario
+    torn = rf"skipped checkpoint {re.escape(str(scenario.torn_before_rerun))}: .*\(torn\)"
+    assert re.search(torn, scenario.rerun.stdout), scenario.rerun.stdout[-6000:]
+    step = scenario.resumed_from_step
+    assert f"training from {scenario.resumed_from} (step {step})" in scenario.rerun.stdout
     # In this process, whose Ray workers can't see a password variable set now: the server's URL without one
     # (mlflow.* may change on resume).
-    overrides = [*driver_scenario.overrides, f"mlflow.tracking_uri={driver_scenario.tracking_uri}"]
-    run_dir = driver_scenario.root / "runs" / "faults"
-    newest = corrupt(newest_folder(run_dir))
-    _, fallback = latest_checkpoint(run_dir)
-    began = time.monotonic()
-    outcome = run_training(load_config(overrides=overrides))
-    seconds = time.monotonic() - began
-    out = capsys.readouterr().out
-    assert f"skipped checkpoint {newest}: " in out and "(torn)" in out
-    assert f"training from {run_dir}/" in out and f"(step {fallback['loop']['step']})" in out
-    assert outcome.run_id == driver_scenario.first_run_id
-    state = latest_checkpoint(run_dir)[1]
-    assert state["loop"]["epoch"] == EPOCHS and state["loop"]["step"] == EPOCHS * STEPS_PER_EPOCH
+    overrides = [*scenario.overrides, f"mlflow.tracking_uri={scenario.tracking_uri}"]
+    run_dir = scenario.root / "runs" / "faults"
     again = run_training(load_config(overrides=overrides))
-    assert again.result is None and "run 'faults' is already finished: epoch 8 of train.epochs=8" in (
+    assert again.result is None and f"run 'faults' is already finished: epoch {EPOCHS} of train.epochs={EPOCHS}" in (
         capsys.readouterr().out
     )
     with pytest.raises(ConfigError, match=r"the recipe of run 'faults' changed since .*: train.lr: 0.004 → 0.001;"):
-        run_training(load_config(overrides=[*overrides, "train.lr=1e-3", "train.epochs=9"]))
+        run_training(load_config(overrides=[*overrides, "train.lr=1e-3", f"train.epochs={EPOCHS + 1}"]))
     with pytest.raises(DataError, match=r"the data of run 'faults' changed since .* \(data.val: other content\)"):
-        run_training(load_config(overrides=[*overrides, f"data.val={demo.train}", "train.epochs=9"]))
+        run_training(load_config(overrides=[*overrides, f"data.val={demo.train}", f"train.epochs={EPOCHS + 1}"]))
     refused = rf"run.name 'faults' already has \d+ checkpoint\(s\) in {re.escape(str(run_dir))}: continue it with "
     with pytest.raises(ConfigError, match=refused):
-        run_training(load_config(overrides=[*overrides, "run.resume=''", "train.epochs=9"]))
-    summary(
-        "corrupt-newest-checkpoint-on-resume",
-        injected=1,
-        skipped_and_named=1,
-        resumed_from_step=fallback["loop"]["step"],
-        seconds=round(seconds),
-    )
+        run_training(load_config(overrides=[*overrides, "run.resume=''", f"train.epochs={EPOCHS + 1}"]))
+    summary("corrupt-newest-checkpoint-on-resume", injected=1, skipped_and_named=1, resumed_from_step=step)
     summary("finished-run-rerun", injected=1, steps_trained=0, said_so=1)
     summary("new-run-under-a-used-name", injected=1, refused_with_one_line_error=1)
 

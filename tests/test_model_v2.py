@@ -93,6 +93,8 @@ def test_training_gives_gradients_to_every_table_and_checkpointing_keeps_them() 
     for model in (plain, checkpointed):
         F.cross_entropy(model.train()(clip), labels).backward()
         gradients.append({name: p.grad for name, p in model.named_parameters()})
+    # every parameter is in the graph, as DDP (which Ray Train's prepare_model wraps it in) requires
+    assert all(gradient is not None for gradient in gradients[0].values())
     tables = [name for name in gradients[0] if ".rel_pos_" in name]
     assert len(tables) == 3 * len(plain.blocks)
     # only the class token leaves the last block, and its row has no relative-position term
