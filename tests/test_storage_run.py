@@ -4,7 +4,7 @@ artifacts. The training is killed with its Ray once a checkpoint is in the bucke
 from there; `jobs.evaluate` finds the newest checkpoint by searching the bucket. A video that vanishes after it was
 indexed is skipped and counted, and the epoch goes on. The commands run in subprocesses whose Ray workers inherit
 the server's endpoint and credentials from the environment, as on a cluster. The model is mvit_v2_tiny, so that the
-MViTv2 family also trains, resumes and exports end to end, as mvit_tiny does in tests/test_train.py."""
+MViTv2 family also trains, resumes and exports end to end (mvit_tiny does in tests/test_train.py, test_faults.py)."""
 
 from __future__ import annotations
 
