@@ -26,6 +26,7 @@ from pipeline.data.sampling import ClipSpec, uniform_clips
 from pipeline.data.transforms import EvalTransform
 from pipeline.data.video import decode_frames, probe
 from pipeline.errors import ConfigError
+from pipeline.evaluation import loading
 from pipeline.evaluation.loading import ModelReference, ModelSourceError, load_model
 from pipeline.evaluation.views import clip_settings
 from pipeline.tracking.evaluation import EVALUATES_TAG
@@ -224,6 +225,13 @@ def test_clip_settings_from_a_config_file_win_over_the_checkpoints(tmp_path):
     assert settings.crop_size == 96 and settings.num_frames == DATA["num_frames"]
     with pytest.raises(ConfigError, match="data.crop_size=96 is above data.test_short_side=64"):
         clip_settings(cfg, loaded, explicit - {"data.test_short_side"})  # a crop the model's short side can't give
+
+
+def test_a_loading_error_without_a_message_is_named_by_its_type():
+    """The reason after "model NAME: " is one line even for an error with no message (an `EOFError()`, which a
+    stream cut off mid-unpickling raises): its type, not an IndexError from an empty first line."""
+    assert loading._why(EOFError()) == "EOFError"
+    assert loading._why(ValueError("the first line\nand more")) == "the first line"
 
 
 def test_a_checkpoint_path_that_does_not_exist_lists_those_that_do(tmp_path):

@@ -47,10 +47,10 @@ class LoadedModel:
 
 def _why(error: Exception) -> str:
     """What a loading error says after "model NAME: ", in one line: a refused file's reason (the model's name
-    already names the file), else the error's first line."""
+    already names the file), else the error's first line, or its type where it has no message (an EOFError)."""
     if isinstance(error, checkpoints.UnreadableTorchFile):
         return error.reason
-    return str(error).splitlines()[0]
+    return next(iter(str(error).splitlines()), "") or type(error).__name__
 
 
 def _checkpoint_head(checkpoint: Any, source: str, model_name: str, name: str) -> int:
