@@ -17,26 +17,14 @@ import ray
 
 from jobs import evaluate, prepare, train
 from pipeline import storage
-from tests.mlflow_server import answers
-
-
-def wait_for_server(urls: list[str], timeout: float = 300) -> int:
-    """0 once each MLflow server answers its health check; raises after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    for url in urls:
-        while not answers(url):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"mlflow server {url} not up within {timeout} s")
-            time.sleep(0.5)
-    return 0
-
+from tests.mlflow_server import wait_until_up
 
 JOBS = {
     "prepare": prepare.main,
     "train": train.main,
     "evaluate": evaluate.main,
     "remove": lambda uris: [storage.remove(uri) for uri in uris] and 0,
-    "wait": wait_for_server,
+    "wait": lambda urls: [wait_until_up(url) for url in urls] and 0,
 }
 
 

@@ -8,7 +8,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,22 +34,26 @@ class TrackingServer:
         return self.url.replace("http://", f"http://faults:${{oc.env:{PASSWORD_VARIABLE}}}@")
 
     def wait(self, timeout: float = 300) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def alive() -> None:
             assert self.process.poll() is None, f"mlflow server exited: {(self.root / 'server.log').read_text()}"
-            if answers(self.url):
-                return self.url
-            time.sleep(0.5)
-        raise TimeoutError(f"mlflow server not up within {timeout} s")
+
+        return wait_until_up(self.url, timeout, alive)
 
 
-def answers(url: str) -> bool:
-    """Whether the MLflow server at `url` is up: its health check answers 200."""
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
-            return answer.status == 200
-    except OSError:
-        return False
+def wait_until_up(url: str, timeout: float = 300, alive: Callable[[], None] = lambda: None) -> str:
+    """`url` once the MLflow server there answers its health check with 200; `alive()` is called between tries
+    (to fail at once if the server is gone); raises after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive()
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
+                if answer.status == 200:
+                    return url
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"mlflow server {url} not up within {timeout} s")
 
 
 def free_port() -> int:
